@@ -1,0 +1,111 @@
+//! Grouping token rows by expert: a counting sort of the routing table. The result drives the
+//! expert compute (one contiguous block of rows per expert, experts with no rows skipped).
+//!
+//! Contract: for expert `e`, slots `offsets[e]..offsets[e + 1]` hold the token rows routed to
+//! it in increasing row order, with the weight of that (row, expert) pair.
+
+use candle_core::DType;
+use moe_core::{Error, Result, Routing};
+
+/// Token rows sorted by the expert they were routed to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertGroups {
+    /// `n_experts + 1` prefix offsets into `token_rows` / `weights`.
+    pub offsets: Vec<usize>,
+    /// Token row of each slot, grouped by expert.
+    pub token_rows: Vec<u32>,
+    /// Routing weight of each slot.
+    pub weights: Vec<f32>,
+}
+
+impl ExpertGroups {
+    /// Groups `routing` (`[n_tokens, top_k]`) for a layer with `n_experts` experts.
+    pub fn from_routing(routing: &Routing, n_experts: usize) -> Result<Self> {
+        let ids: Vec<u32> = routing
+            .expert_ids
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let weights: Vec<f32> = routing
+            .weights
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        Self::from_slices(&ids, &weights, routing.top_k(), n_experts)
+    }
+
+    /// Groups host slices: `ids` and `weights` are `[n_tokens * top_k]` row-major.
+    pub fn from_slices(
+        ids: &[u32],
+        weights: &[f32],
+        top_k: usize,
+        n_experts: usize,
+    ) -> Result<Self> {
+        let mut counts = vec![0usize; n_experts + 1];
+        for &id in ids {
+            if id as usize >= n_experts {
+                return Err(Error::InvalidRequest(format!(
+                    "routing chose expert {id} of {n_experts}"
+                )));
+            }
+            counts[id as usize + 1] += 1;
+        }
+        for e in 0..n_experts {
+            counts[e + 1] += counts[e];
+        }
+        let offsets = counts;
+        let mut cursor = offsets.clone();
+        let mut token_rows = vec![0u32; ids.len()];
+        let mut slot_weights = vec![0f32; ids.len()];
+        for (pair, (&id, &w)) in ids.iter().zip(weights).enumerate() {
+            let slot = &mut cursor[id as usize];
+            token_rows[*slot] = (pair / top_k.max(1)) as u32;
+            slot_weights[*slot] = w;
+            *slot += 1;
+        }
+        Ok(Self {
+            offsets,
+            token_rows,
+            weights: slot_weights,
+        })
+    }
+
+    /// Number of experts of the layer.
+    pub fn n_experts(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Rows routed to `expert` and their weights.
+    pub fn rows(&self, expert: usize) -> (&[u32], &[f32]) {
+        let range = self.offsets[expert]..self.offsets[expert + 1];
+        (&self.token_rows[range.clone()], &self.weights[range])
+    }
+
+    /// Experts that received at least one row, in increasing order.
+    pub fn active_experts(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.n_experts()).filter(|&e| self.offsets[e + 1] > self.offsets[e])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_rows_by_expert_in_row_order() {
+        // 3 tokens, top-2, 4 experts; expert 2 gets nothing.
+        let ids = [1, 0, 3, 1, 0, 3];
+        let w = [0.6, 0.4, 0.7, 0.3, 0.9, 0.1];
+        let g = ExpertGroups::from_slices(&ids, &w, 2, 4).unwrap();
+        assert_eq!(g.offsets, vec![0, 2, 4, 4, 6]);
+        assert_eq!(g.rows(0), (&[0u32, 2][..], &[0.4f32, 0.9][..]));
+        assert_eq!(g.rows(1), (&[0u32, 1][..], &[0.6f32, 0.3][..]));
+        assert_eq!(g.rows(3), (&[1u32, 2][..], &[0.7f32, 0.1][..]));
+        assert_eq!(g.active_experts().collect::<Vec<_>>(), vec![0, 1, 3]);
+    }
+
+    #[test]
+    fn rejects_out_of_range_expert() {
+        assert!(ExpertGroups::from_slices(&[4], &[1.0], 1, 4).is_err());
+    }
+}

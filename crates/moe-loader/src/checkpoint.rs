@@ -1,0 +1,296 @@
+//! A whole checkpoint: one `model.safetensors` or the shards named by
+//! `model.safetensors.index.json`, with typed, shape-checked tensor lookup by name.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use moe_core::{Error, Result};
+
+use crate::safetensors_file::{SafetensorsFile, TensorEntry};
+
+/// The element type a checkpoint tensor is stored in, as far as the engine can read it.
+pub type WeightDtype = DType;
+
+/// All safetensors files of a checkpoint and which file holds which tensor.
+pub struct Checkpoint {
+    location: PathBuf,
+    files: Vec<SafetensorsFile>,
+    by_name: HashMap<String, usize>,
+    progress: Option<indicatif::ProgressBar>,
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir`: the shard index when present, else `model.safetensors`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let shard_paths = if index.exists() {
+            shards_from_index(&index)?
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(Error::ModelNotFound {
+                spec: dir.display().to_string(),
+                message: "no model.safetensors or model.safetensors.index.json in this folder"
+                    .into(),
+            });
+        };
+        Self::open_files(dir, &shard_paths)
+    }
+
+    /// Opens an explicit list of safetensors files (later files may not repeat a tensor).
+    pub fn open_files(location: &Path, paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut by_name = HashMap::new();
+        for (file_idx, path) in paths.iter().enumerate() {
+            let file = SafetensorsFile::open(path)?;
+            for name in file.tensors().keys() {
+                if by_name.insert(name.clone(), file_idx).is_some() {
+                    return Err(Error::checkpoint(
+                        path,
+                        format!("tensor `{name}` appears in more than one shard"),
+                    ));
+                }
+            }
+            files.push(file);
+        }
+        Ok(Self {
+            location: location.to_path_buf(),
+            files,
+            by_name,
+            progress: None,
+        })
+    }
+
+    /// Shows a byte-counting progress bar on stderr while tensors are read (hidden when
+    /// stderr is not a terminal).
+    pub fn show_progress(&mut self, label: &str) {
+        let total: usize = self
+            .files
+            .iter()
+            .flat_map(|f| f.tensors().values())
+            .map(|e| e.data_offsets.1 - e.data_offsets.0)
+            .sum();
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(total as u64),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(label.to_string());
+        self.progress = Some(bar);
+    }
+
+    /// Ends the progress bar, if any.
+    pub fn finish_progress(&self) {
+        if let Some(bar) = &self.progress {
+            bar.finish_and_clear();
+        }
+    }
+
+    /// Where the checkpoint was opened from (for messages).
+    pub fn location(&self) -> &Path {
+        &self.location
+    }
+
+    /// The safetensors files, in shard order.
+    pub fn files(&self) -> &[SafetensorsFile] {
+        &self.files
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn tensor_names(&self) -> BTreeSet<&str> {
+        self.by_name.keys().map(String::as_str).collect()
+    }
+
+    /// Does any file hold `name`?
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// The file and header entry of `name`.
+    pub fn entry(&self, name: &str) -> Option<(&SafetensorsFile, &TensorEntry)> {
+        let file = &self.files[*self.by_name.get(name)?];
+        Some((file, file.tensors().get(name)?))
+    }
+
+    /// Reads tensor `name`, checks its shape against `expected`, converts it to `dtype` on
+    /// `device`.
+    pub fn tensor(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let file_idx = *self.by_name.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            location: self.location.display().to_string(),
+        })?;
+        let file = &self.files[file_idx];
+        let (entry, bytes) = file.bytes(name).expect("indexed tensor exists in its file");
+        if entry.shape != expected {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                path: file.path().to_path_buf(),
+                expected: expected.to_vec(),
+                got: entry.shape.clone(),
+            });
+        }
+        let stored = match entry.dtype.as_str() {
+            "F32" => DType::F32,
+            "BF16" => DType::BF16,
+            "F16" => DType::F16,
+            other => {
+                return Err(Error::TensorDtype {
+                    name: name.to_string(),
+                    path: file.path().to_path_buf(),
+                    dtype: other.to_string(),
+                })
+            }
+        };
+        let tensor = Tensor::from_raw_buffer(bytes, stored, &entry.shape, &Device::Cpu)?;
+        if let Some(bar) = &self.progress {
+            bar.inc(bytes.len() as u64);
+        }
+        Ok(tensor.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// The dtype most bytes of the checkpoint are stored in (what `--dtype auto` picks).
+    pub fn dominant_dtype(&self) -> Option<String> {
+        let mut bytes_by_dtype: HashMap<&str, usize> = HashMap::new();
+        for entry in self.files.iter().flat_map(|f| f.tensors().values()) {
+            *bytes_by_dtype.entry(entry.dtype.as_str()).or_default() +=
+                entry.data_offsets.1 - entry.data_offsets.0;
+        }
+        bytes_by_dtype
+            .into_iter()
+            .max_by_key(|&(_, b)| b)
+            .map(|(d, _)| d.to_string())
+    }
+}
+
+/// The shard files named by a `model.safetensors.index.json`, in first-appearance order.
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::checkpoint(index, format!("invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::checkpoint(index, "no `weight_map` object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut seen = BTreeSet::new();
+    let mut shards = Vec::new();
+    for file in map.values() {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::checkpoint(index, "`weight_map` values must be file names"))?;
+        if seen.insert(file.to_string()) {
+            let path = dir.join(file);
+            if !path.exists() {
+                return Err(Error::checkpoint(
+                    index,
+                    format!("shard `{file}` named in the index does not exist"),
+                ));
+            }
+            shards.push(path);
+        }
+    }
+    Ok(shards)
+}
+
+/// A prefixed view of a checkpoint that reads tensors in one dtype onto one device:
+/// `lookup.pp("model.layers.3").get("input_layernorm.weight", &[h])`.
+#[derive(Clone)]
+pub struct TensorLookup {
+    checkpoint: Arc<Checkpoint>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl TensorLookup {
+    /// A view of the whole checkpoint.
+    pub fn new(checkpoint: Arc<Checkpoint>, dtype: DType, device: Device) -> Self {
+        Self {
+            checkpoint,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    /// The view under `prefix` (joined with a `.`).
+    pub fn pp(&self, prefix: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{}.{prefix}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    /// The full checkpoint name of `name` in this view.
+    pub fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Reads `name` with the given shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.checkpoint
+            .tensor(&self.full_name(name), shape, self.dtype, &self.device)
+    }
+
+    /// Reads `name` in f32 regardless of the view's dtype (router biases, sinks).
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.checkpoint
+            .tensor(&self.full_name(name), shape, DType::F32, &self.device)
+    }
+
+    /// Reads `name` when present, `None` when absent (a wrong shape is still an error).
+    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.get(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Is `name` in the checkpoint?
+    pub fn contains(&self, name: &str) -> bool {
+        self.checkpoint.contains(&self.full_name(name))
+    }
+
+    /// The compute dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The underlying checkpoint.
+    pub fn checkpoint(&self) -> &Arc<Checkpoint> {
+        &self.checkpoint
+    }
+}

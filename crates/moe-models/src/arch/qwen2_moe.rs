@@ -1,0 +1,64 @@
+//! `Qwen2MoeForCausalLM`: q/k/v biases, a shared expert scaled by `sigmoid(shared_expert_gate)`,
+//! sparse layers chosen by `decoder_sparse_step` and `mlp_only_layers`.
+
+use moe_core::{Result, RoutingSpec, ScoringFunction};
+use moe_loader::ConfigFile;
+
+use crate::blocks::attention::QkNorm;
+use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe, SharedExpertRecipe};
+use crate::experts::ExpertNames;
+use crate::hparams::{read_expert_counts, reject_sliding_window, DecoderHParams};
+
+pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
+    let hparams = DecoderHParams::read(cfg, false)?;
+    reject_sliding_window(cfg, Some("use_sliding_window"))?;
+    if let Some(types) = cfg.raw("layer_types").and_then(|t| t.as_array()) {
+        if types.iter().any(|t| t.as_str() != Some("full_attention")) {
+            return Err(cfg.error("layer_types", "only full_attention layers are supported"));
+        }
+    }
+    let (n_experts, top_k) = read_expert_counts(cfg, &["num_experts"])?;
+    let shared_size = cfg
+        .opt_usize("shared_expert_intermediate_size")?
+        .unwrap_or(0);
+    let moe = MoeRecipe {
+        block: "mlp",
+        intermediate: cfg.usize("moe_intermediate_size")?,
+        names: ExpertNames::GATE_UP_DOWN_PROJ,
+        routing: RoutingSpec {
+            n_experts,
+            top_k,
+            scoring: ScoringFunction::Softmax,
+            renormalize: cfg.bool_or("norm_topk_prob", false)?,
+            scaling_factor: 1.0,
+        },
+        shared: (shared_size > 0).then_some(SharedExpertRecipe {
+            intermediate: shared_size,
+            gate: Some("shared_expert_gate"),
+        }),
+    };
+    let dense = FfnRecipe::Dense {
+        intermediate: cfg.usize("intermediate_size")?,
+    };
+    let ffn = super::qwen_sparse_layers(cfg, hparams.n_layers)?
+        .into_iter()
+        .map(|sparse| {
+            if sparse {
+                FfnRecipe::Sparse(moe.clone())
+            } else {
+                dense.clone()
+            }
+        })
+        .collect();
+    Ok(DecoderRecipe {
+        architecture: "Qwen2MoeForCausalLM",
+        attention: super::standard_attention(
+            &hparams,
+            cfg.bool_or("qkv_bias", true)?,
+            QkNorm::None,
+            None,
+        ),
+        ffn,
+        hparams,
+    })
+}

@@ -1,0 +1,199 @@
+//! Causal self-attention with GQA over a packed batch of sequences, each with its own KV cache.
+//! Variants the configs declare (q/k norms, clipping, biases, softmax scale) are fields of
+//! [`AttentionConfig`], not code paths in architecture files.
+
+use candle_core::{DType, Tensor};
+use moe_core::Result;
+use moe_loader::TensorLookup;
+
+use crate::blocks::linear::Linear;
+use crate::blocks::norm::RmsNorm;
+use crate::blocks::rope::RotaryEmbedding;
+use crate::kv_cache::KvCache;
+
+/// Where q/k normalisation is applied, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    /// No q/k norm (Mixtral, Qwen2-MoE).
+    None,
+    /// RMSNorm over each head's `head_dim` (Qwen3-MoE).
+    PerHead,
+    /// RMSNorm over the whole projection output, before splitting heads (OLMoE).
+    WholeProjection,
+}
+
+/// Shape and variant of an attention block.
+#[derive(Debug, Clone)]
+pub struct AttentionConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Per-head size.
+    pub head_dim: usize,
+    /// Biases on q, k and v.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    /// q/k normalisation.
+    pub qk_norm: QkNorm,
+    /// Epsilon of the q/k norms.
+    pub norm_eps: f64,
+    /// Clamp q, k, v to ±this after projection (and norm) — OLMoE's `clip_qkv`.
+    pub clip_qkv: Option<f64>,
+    /// Multiplier of `q·k` (1/√head_dim unless the architecture says otherwise).
+    pub softmax_scale: f64,
+}
+
+/// One sequence's slice of a packed batch during a forward pass.
+pub struct SequenceSlot<'a> {
+    /// First row of the sequence in the packed `[n_tokens, hidden]` activations.
+    pub row_start: usize,
+    /// Rows (new tokens) of the sequence.
+    pub n_rows: usize,
+    /// Positions cached before this forward pass.
+    pub n_past: usize,
+    /// The sequence's cache.
+    pub cache: &'a mut KvCache,
+}
+
+/// A self-attention block.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    config: AttentionConfig,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+}
+
+impl Attention {
+    /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`) under `lookup`.
+    pub fn load(lookup: &TensorLookup, config: AttentionConfig) -> Result<Self> {
+        let c = &config;
+        let q_out = c.n_heads * c.head_dim;
+        let kv_out = c.n_kv_heads * c.head_dim;
+        let (q_norm_size, k_norm_size) = match c.qk_norm {
+            QkNorm::None => (0, 0),
+            QkNorm::PerHead => (c.head_dim, c.head_dim),
+            QkNorm::WholeProjection => (q_out, kv_out),
+        };
+        let norm = |name: &str, size: usize| -> Result<Option<RmsNorm>> {
+            if c.qk_norm == QkNorm::None {
+                Ok(None)
+            } else {
+                RmsNorm::load(lookup, name, size, c.norm_eps).map(Some)
+            }
+        };
+        Ok(Self {
+            q_proj: Linear::load(lookup, "q_proj", c.hidden_size, q_out, c.qkv_bias)?,
+            k_proj: Linear::load(lookup, "k_proj", c.hidden_size, kv_out, c.qkv_bias)?,
+            v_proj: Linear::load(lookup, "v_proj", c.hidden_size, kv_out, c.qkv_bias)?,
+            o_proj: Linear::load(lookup, "o_proj", q_out, c.hidden_size, c.o_bias)?,
+            q_norm: norm("q_norm", q_norm_size)?,
+            k_norm: norm("k_norm", k_norm_size)?,
+            config,
+        })
+    }
+
+    /// Attends every sequence of the packed batch `x` (`[n_tokens, hidden]`) over its own
+    /// cache, appending the new keys and values for `layer`. Returns `[n_tokens, hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rope: &RotaryEmbedding,
+        slots: &mut [SequenceSlot<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        // [n_tokens, n_heads * head_dim], [n_tokens, n_kv_heads * head_dim] ×2
+        let mut q = self.q_proj.forward(x)?;
+        let mut k = self.k_proj.forward(x)?;
+        let mut v = self.v_proj.forward(x)?;
+        if c.qk_norm == QkNorm::WholeProjection {
+            q = self.q_norm.as_ref().expect("loaded").forward(&q)?;
+            k = self.k_norm.as_ref().expect("loaded").forward(&k)?;
+        }
+        if let Some(clip) = c.clip_qkv {
+            q = q.clamp(-clip, clip)?;
+            k = k.clamp(-clip, clip)?;
+            v = v.clamp(-clip, clip)?;
+        }
+        let mut outputs = Vec::with_capacity(slots.len());
+        for slot in slots.iter_mut() {
+            let rows = |t: &Tensor, n_heads: usize| -> candle_core::Result<Tensor> {
+                // [n_rows, n_heads * head_dim] -> [n_heads, n_rows, head_dim]
+                t.narrow(0, slot.row_start, slot.n_rows)?
+                    .reshape((slot.n_rows, n_heads, c.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let mut q_s = rows(&q, c.n_heads)?;
+            let mut k_s = rows(&k, c.n_kv_heads)?;
+            let v_s = rows(&v, c.n_kv_heads)?;
+            if c.qk_norm == QkNorm::PerHead {
+                q_s = self.q_norm.as_ref().expect("loaded").forward(&q_s)?;
+                k_s = self.k_norm.as_ref().expect("loaded").forward(&k_s)?;
+            }
+            let q_s = rope.apply(&q_s, slot.n_past)?;
+            let k_s = rope.apply(&k_s, slot.n_past)?;
+            let (k_all, v_all) = slot.cache.append(layer, k_s, v_s)?;
+            outputs.push(self.attend(&q_s, &k_all, &v_all, slot.n_past)?);
+        }
+        // [n_tokens, n_heads * head_dim]
+        let attended = Tensor::cat(&outputs, 0)?;
+        self.o_proj.forward(&attended)
+    }
+
+    /// Causal attention of `q` (`[n_heads, n_new, d]`) over `k`, `v` (`[n_kv, n_past + n_new, d]`).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, n_past: usize) -> Result<Tensor> {
+        let c = &self.config;
+        let (_, n_new, d) = q.dims3()?;
+        let n_keys = k.dim(1)?;
+        let group = c.n_heads / c.n_kv_heads;
+        // Query heads that share a kv head are stacked as rows: [n_kv, group * n_new, d].
+        let q = q.reshape((c.n_kv_heads, group * n_new, d))?;
+        let scores = (q.matmul(&k.t()?)? * c.softmax_scale)?.to_dtype(DType::F32)?;
+        let scores = if n_new > 1 {
+            let mask = causal_mask(n_new, n_keys, n_past, q.device())?;
+            scores
+                .reshape((c.n_kv_heads, group, n_new, n_keys))?
+                .broadcast_add(&mask)?
+                .reshape((c.n_kv_heads, group * n_new, n_keys))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        // [n_kv, group * n_new, d] -> [n_heads, n_new, d] -> [n_new, n_heads * d]
+        let out = probs
+            .matmul(v)?
+            .reshape((c.n_heads, n_new, d))?
+            .transpose(0, 1)?;
+        Ok(out.reshape((n_new, c.n_heads * d))?)
+    }
+}
+
+/// `[n_new, n_keys]` f32: 0 where query i (at position n_past + i) may see key j, -inf elsewhere.
+fn causal_mask(
+    n_new: usize,
+    n_keys: usize,
+    n_past: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n_new)
+        .flat_map(|i| {
+            (0..n_keys).map(move |j| {
+                if j <= n_past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (n_new, n_keys), device)?)
+}

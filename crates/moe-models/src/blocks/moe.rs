@@ -1,0 +1,89 @@
+//! The sparse MoE block as a pipeline: router → group token rows by expert → expert FFN
+//! (weights from the [`ExpertSource`]) → weighted combine, plus an optional shared expert.
+//!
+//! Contracts: the router sees only hidden states and its own weights; grouping skips experts
+//! that received no rows; experts are computed in increasing id order and each token's
+//! outputs are summed in that order, as transformers does.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use moe_core::{ExpertKey, Result, Routing, RoutingSpec};
+use moe_kernels::{combine, expert_ffn, route, ExpertActivation, ExpertGroups};
+
+use crate::blocks::linear::Linear;
+use crate::blocks::mlp::GatedMlp;
+use crate::experts::ExpertSource;
+
+/// An always-on expert added to the routed output, optionally scaled by `sigmoid(gate(x))`.
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    /// The expert itself.
+    pub mlp: GatedMlp,
+    /// `[1, hidden]` gate (Qwen2-MoE's `shared_expert_gate`), when present.
+    pub gate: Option<Linear>,
+}
+
+/// Receives every routing decision of a forward pass (tests, statistics, prefetch).
+pub trait RoutingObserver {
+    /// Called once per MoE layer with the router logits (`[n_tokens, n_experts]`) and the
+    /// routing of the packed batch.
+    fn on_routing(&mut self, layer: usize, logits: &Tensor, routing: &Routing);
+}
+
+/// A sparse MoE feed-forward block.
+pub struct SparseMoeBlock {
+    /// Decoder layer index (the expert store's key).
+    pub layer: usize,
+    /// `[n_experts, hidden]` router.
+    pub router: Linear,
+    /// Routing parameters.
+    pub routing: RoutingSpec,
+    /// Where the routed experts' weights come from.
+    pub experts: Arc<dyn ExpertSource>,
+    /// Activation inside each expert.
+    pub activation: ExpertActivation,
+    /// Shared expert, if the architecture has one.
+    pub shared: Option<SharedExpert>,
+}
+
+impl SparseMoeBlock {
+    /// Applies the block to `x` (`[n_tokens, hidden]`).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        observer: Option<&mut dyn RoutingObserver>,
+    ) -> Result<Tensor> {
+        let (n_tokens, hidden) = x.dims2()?;
+        // [n_tokens, n_experts]
+        let logits = self.router.forward(x)?;
+        let routing = route(&logits, &self.routing)?;
+        if let Some(observer) = observer {
+            observer.on_routing(self.layer, &logits, &routing);
+        }
+        let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
+        let active: Vec<usize> = groups.active_experts().collect();
+        self.experts.prefetch(self.layer, &active);
+        let mut outputs = Vec::with_capacity(active.len());
+        for &expert in &active {
+            let (rows, _) = groups.rows(expert);
+            let rows = Tensor::from_slice(rows, rows.len(), x.device())?;
+            // [n_rows, hidden]
+            let expert_in = x.index_select(&rows, 0)?;
+            let weights = self.experts.expert(ExpertKey {
+                layer: self.layer,
+                expert,
+            })?;
+            outputs.push(expert_ffn(&expert_in, &weights, self.activation)?);
+        }
+        let mut y = combine(n_tokens, hidden, &groups, &outputs, x.dtype(), x.device())?;
+        if let Some(shared) = &self.shared {
+            let mut s = shared.mlp.forward(x)?;
+            if let Some(gate) = &shared.gate {
+                s = candle_nn::ops::sigmoid(&gate.forward(x)?)?.broadcast_mul(&s)?;
+            }
+            y = (y + s)?;
+        }
+        Ok(y)
+    }
+}

@@ -1,0 +1,365 @@
+//! The decoder-only transformer every supported architecture is an instance of, its batched
+//! forward pass, and the recipe architecture files fill in to build one.
+//!
+//! Batching contract: one call takes several sequences of different lengths, each with its own
+//! [`KvCache`]. Token-wise work (projections, norms, routing, experts) runs on the packed rows of
+//! all sequences; attention runs per sequence over its own cache. A sequence's logits do not
+//! depend on its batch-mates beyond matmul rounding (≤ 1e-5, tested in `tests/batching.rs`).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use moe_core::{Error, Result, RoutingSpec};
+use moe_kernels::ExpertActivation;
+use moe_loader::TensorLookup;
+
+use crate::blocks::attention::{Attention, AttentionConfig, SequenceSlot};
+use crate::blocks::linear::Linear;
+use crate::blocks::mlp::GatedMlp;
+use crate::blocks::moe::{SharedExpert, SparseMoeBlock};
+use crate::blocks::norm::RmsNorm;
+use crate::blocks::rope::RotaryEmbedding;
+use crate::experts::{ExpertLayerLayout, ExpertNames, ExpertSource, ResidentExperts};
+use crate::hparams::{DecoderHParams, LoadOptions};
+use crate::kv_cache::KvCache;
+use crate::summary::ModelSummary;
+
+pub use crate::blocks::moe::RoutingObserver;
+
+/// Which positions of a sequence need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// Only the last new token (generation).
+    Last,
+    /// Every new token (perplexity, parity tests).
+    All,
+}
+
+/// One sequence's part of a batched forward call.
+pub struct SequenceInput<'a> {
+    /// New tokens to run (the prompt at prefill, one token per decode step).
+    pub tokens: &'a [u32],
+    /// The sequence's cache; grows by `tokens.len()`.
+    pub cache: &'a mut KvCache,
+    /// Which logits to return.
+    pub logits: LogitsWanted,
+}
+
+/// Optional per-call instrumentation.
+#[derive(Default)]
+pub struct ForwardContext<'a> {
+    /// Receives the routing of every MoE layer.
+    pub observer: Option<&'a mut dyn RoutingObserver>,
+}
+
+/// The feed-forward half of a decoder layer.
+pub enum FeedForward {
+    /// A dense gated MLP.
+    Dense(GatedMlp),
+    /// A sparse MoE block.
+    Sparse(SparseMoeBlock),
+}
+
+/// One pre-norm decoder layer.
+pub struct DecoderLayer {
+    attn_norm: RmsNorm,
+    attention: Attention,
+    ffn_norm: RmsNorm,
+    ffn: FeedForward,
+}
+
+/// A loaded model.
+pub struct DecoderModel {
+    hparams: DecoderHParams,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    final_norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    experts: Arc<dyn ExpertSource>,
+    summary: ModelSummary,
+}
+
+/// How one layer's feed-forward is built.
+#[derive(Debug, Clone)]
+pub enum FfnRecipe {
+    /// Dense MLP under `mlp`.
+    Dense {
+        /// Intermediate size.
+        intermediate: usize,
+    },
+    /// Sparse MoE block.
+    Sparse(MoeRecipe),
+}
+
+/// How a sparse MoE block is found in the checkpoint and routed.
+#[derive(Debug, Clone)]
+pub struct MoeRecipe {
+    /// Block prefix inside the layer (`mlp`, `block_sparse_moe`).
+    pub block: &'static str,
+    /// Per-expert intermediate size.
+    pub intermediate: usize,
+    /// Projection names inside each expert.
+    pub names: ExpertNames,
+    /// Routing parameters.
+    pub routing: RoutingSpec,
+    /// Shared expert: intermediate size and whether it has a sigmoid gate.
+    pub shared: Option<SharedExpertRecipe>,
+}
+
+/// A shared expert inside an MoE block.
+#[derive(Debug, Clone)]
+pub struct SharedExpertRecipe {
+    /// Intermediate size.
+    pub intermediate: usize,
+    /// Name of the `[1, hidden]` sigmoid gate, if any.
+    pub gate: Option<&'static str>,
+}
+
+/// What an architecture file hands to [`DecoderModel::build`]: the standard Llama-style layout
+/// (`model.embed_tokens`, `model.layers.N.{input_layernorm, self_attn, post_attention_layernorm}`,
+/// `model.norm`, `lm_head`) with its attention variant and per-layer feed-forward.
+#[derive(Debug, Clone)]
+pub struct DecoderRecipe {
+    /// The HF class name.
+    pub architecture: &'static str,
+    /// Shared hyper-parameters.
+    pub hparams: DecoderHParams,
+    /// Attention variant (same for all layers).
+    pub attention: AttentionConfig,
+    /// One entry per layer.
+    pub ffn: Vec<FfnRecipe>,
+}
+
+impl DecoderModel {
+    /// Builds the model from a recipe, reading every tensor through `lookup`.
+    pub fn build(
+        recipe: DecoderRecipe,
+        lookup: &TensorLookup,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let hp = recipe.hparams.clone();
+        let h = hp.hidden_size;
+        let model = lookup.pp("model");
+        let embed = model.get("embed_tokens.weight", &[hp.vocab_size, h])?;
+        let mut layouts = Vec::new();
+        for (layer, ffn) in recipe.ffn.iter().enumerate() {
+            if let FfnRecipe::Sparse(moe) = ffn {
+                layouts.push(ExpertLayerLayout {
+                    layer,
+                    experts: model.pp(format!("layers.{layer}.{}.experts", moe.block)),
+                    n_experts: moe.routing.n_experts,
+                    hidden: h,
+                    intermediate: moe.intermediate,
+                    names: moe.names,
+                });
+            }
+        }
+        let experts: Arc<dyn ExpertSource> =
+            Arc::new(ResidentExperts::load(hp.n_layers, &layouts)?);
+        let mut layers = Vec::with_capacity(hp.n_layers);
+        for (layer, ffn) in recipe.ffn.iter().enumerate() {
+            let lw = model.pp(format!("layers.{layer}"));
+            let ffn = match ffn {
+                FfnRecipe::Dense { intermediate } => FeedForward::Dense(GatedMlp::load(
+                    &lw.pp("mlp"),
+                    &ExpertNames::GATE_UP_DOWN_PROJ,
+                    h,
+                    *intermediate,
+                )?),
+                FfnRecipe::Sparse(moe) => {
+                    let block = lw.pp(moe.block);
+                    let shared = match &moe.shared {
+                        None => None,
+                        Some(s) => Some(SharedExpert {
+                            mlp: GatedMlp::load(
+                                &block.pp("shared_expert"),
+                                &ExpertNames::GATE_UP_DOWN_PROJ,
+                                h,
+                                s.intermediate,
+                            )?,
+                            gate: s
+                                .gate
+                                .map(|g| Linear::load(&block, g, h, 1, false))
+                                .transpose()?,
+                        }),
+                    };
+                    FeedForward::Sparse(SparseMoeBlock {
+                        layer,
+                        router: Linear::load(&block, "gate", h, moe.routing.n_experts, false)?,
+                        routing: moe.routing.clone(),
+                        experts: experts.clone(),
+                        activation: ExpertActivation::SiluGlu,
+                        shared,
+                    })
+                }
+            };
+            layers.push(DecoderLayer {
+                attn_norm: RmsNorm::load(&lw, "input_layernorm", h, hp.rms_norm_eps)?,
+                attention: Attention::load(&lw.pp("self_attn"), recipe.attention.clone())?,
+                ffn_norm: RmsNorm::load(&lw, "post_attention_layernorm", h, hp.rms_norm_eps)?,
+                ffn,
+            });
+        }
+        let final_norm = RmsNorm::load(&model, "norm", h, hp.rms_norm_eps)?;
+        let lm_head = if hp.tie_word_embeddings && !lookup.contains("lm_head.weight") {
+            Linear::from_weight(embed.clone())
+        } else {
+            Linear::load(lookup, "lm_head", h, hp.vocab_size, false)?
+        };
+        let rope = RotaryEmbedding::new(
+            &hp.rope,
+            hp.max_position_embeddings,
+            options.dtype,
+            &options.device,
+        )?;
+        let summary = ModelSummary::new(
+            recipe.architecture,
+            &hp,
+            &recipe.ffn,
+            lookup.checkpoint(),
+            options.dtype,
+        );
+        Ok(Self {
+            hparams: hp,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope,
+            experts,
+            summary,
+        })
+    }
+
+    /// The shared hyper-parameters.
+    pub fn hparams(&self) -> &DecoderHParams {
+        &self.hparams
+    }
+
+    /// Facts for `moe-infer inspect`.
+    pub fn summary(&self) -> &ModelSummary {
+        &self.summary
+    }
+
+    /// The expert source the MoE blocks read from.
+    pub fn experts(&self) -> &Arc<dyn ExpertSource> {
+        &self.experts
+    }
+
+    /// The device activations live on.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.hparams.n_layers)
+    }
+
+    /// Runs one batched step. Returns, per sequence, f32 logits `[n_wanted, vocab]`.
+    pub fn forward(
+        &self,
+        batch: &mut [SequenceInput<'_>],
+        mut ctx: ForwardContext<'_>,
+    ) -> Result<Vec<Tensor>> {
+        let max = self.hparams.max_position_embeddings;
+        let mut all_tokens = Vec::new();
+        for (i, seq) in batch.iter().enumerate() {
+            if seq.tokens.is_empty() {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence {i} of the batch has no new tokens"
+                )));
+            }
+            if seq.cache.len() + seq.tokens.len() > max {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence of {} tokens does not fit the context window of {max} tokens",
+                    seq.cache.len() + seq.tokens.len()
+                )));
+            }
+            if let Some(&bad) = seq
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.hparams.vocab_size)
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.hparams.vocab_size
+                )));
+            }
+            all_tokens.extend_from_slice(seq.tokens);
+        }
+        let device = self.device();
+        let ids = Tensor::from_slice(&all_tokens, all_tokens.len(), device)?;
+        // [n_tokens, hidden]
+        let mut x = self.embed.index_select(&ids, 0)?;
+        // (first row, n rows) of the logits each sequence asked for.
+        let mut wanted = Vec::with_capacity(batch.len());
+        let mut row_start = 0;
+        for seq in batch.iter() {
+            let n_rows = seq.tokens.len();
+            wanted.push(match seq.logits {
+                LogitsWanted::Last => (row_start + n_rows - 1, 1),
+                LogitsWanted::All => (row_start, n_rows),
+            });
+            row_start += n_rows;
+        }
+        let mut slots = Vec::with_capacity(batch.len());
+        let mut row_start = 0;
+        for seq in batch.iter_mut() {
+            let n_rows = seq.tokens.len();
+            let n_past = seq.cache.len();
+            slots.push(SequenceSlot {
+                row_start,
+                n_rows,
+                n_past,
+                cache: &mut *seq.cache,
+            });
+            row_start += n_rows;
+        }
+        for (layer_idx, layer) in self.layers.iter().enumerate() {
+            let attn_out = layer.attention.forward(
+                &layer.attn_norm.forward(&x)?,
+                layer_idx,
+                &self.rope,
+                &mut slots,
+            )?;
+            x = (x + attn_out)?;
+            let normed = layer.ffn_norm.forward(&x)?;
+            let ffn_out = match &layer.ffn {
+                FeedForward::Dense(mlp) => mlp.forward(&normed)?,
+                FeedForward::Sparse(moe) => moe.forward(
+                    &normed,
+                    ctx.observer
+                        .as_mut()
+                        .map(|o| &mut **o as &mut dyn RoutingObserver),
+                )?,
+            };
+            x = (x + ffn_out)?;
+        }
+        for slot in slots.iter_mut() {
+            slot.cache.advance(slot.n_rows);
+        }
+        let picked: Vec<Tensor> = wanted
+            .iter()
+            .map(|&(start, n)| x.narrow(0, start, n))
+            .collect::<candle_core::Result<_>>()?;
+        // [n_wanted_total, vocab]
+        let logits = self
+            .lm_head
+            .forward(&self.final_norm.forward(&Tensor::cat(&picked, 0)?)?)?
+            .to_dtype(DType::F32)?;
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut offset = 0;
+        for &(_, n) in &wanted {
+            out.push(logits.narrow(0, offset, n)?);
+            offset += n;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,99 @@
+//! Shared helpers for the cross-crate tests: fixture paths and the `reference.json` schema
+//! written by Hugging Face transformers (see `fixtures/README-transformers-fixtures.md`).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The folder of a fixture under `tests/fixtures`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// `reference.json`, the parts the tests read.
+#[derive(Debug, Deserialize)]
+pub struct Reference {
+    /// Fixture name.
+    pub name: String,
+    /// "float32" or "bfloat16".
+    pub dtype: String,
+    /// Decoder layers with a router.
+    pub moe_layers: Vec<usize>,
+    /// Prompts run alone.
+    pub prompts: Vec<PromptReference>,
+    /// The left-padded batch of prompts 0 and 1.
+    pub batched: BatchedReference,
+}
+
+/// One prompt's reference outputs.
+#[derive(Debug, Deserialize)]
+pub struct PromptReference {
+    /// Prompt text.
+    pub text: String,
+    /// Token ids.
+    pub input_ids: Vec<u32>,
+    /// Logits at position 0.
+    pub logits_first: Vec<f32>,
+    /// Logits at the last prompt position.
+    pub logits_last: Vec<f32>,
+    /// 20 greedy tokens.
+    pub greedy_new_tokens: Vec<u32>,
+    /// Their text.
+    pub greedy_text: String,
+    /// Router decisions per MoE layer.
+    pub routing: Vec<LayerRouting>,
+}
+
+/// One MoE layer's routing of a prompt.
+#[derive(Debug, Deserialize)]
+pub struct LayerRouting {
+    /// Decoder layer.
+    pub layer: usize,
+    /// Chosen experts per token, ascending.
+    pub experts: Vec<Vec<u32>>,
+    /// Their weights, same order.
+    pub weights: Vec<Vec<f32>>,
+    /// min(selected) − max(unselected) score; tiny values are near-ties.
+    pub selection_margin: Vec<f32>,
+}
+
+/// The batched case.
+#[derive(Debug, Deserialize)]
+pub struct BatchedReference {
+    /// Which prompts form the batch.
+    pub prompt_indices: Vec<usize>,
+    /// Last-position logits per row.
+    pub logits_last: Vec<Vec<f32>>,
+    /// 10 greedy tokens per row.
+    pub greedy_new_tokens: Vec<Vec<u32>>,
+}
+
+impl Reference {
+    /// Reads a fixture's `reference.json`.
+    pub fn load(name: &str) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(fixture_dir(name).join("reference.json"))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+/// Largest absolute difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Index of the largest value (first on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
