@@ -1,1 +1,40 @@
-//! placeholder
+//! The moe-infer engine: what other Rust programs link. Load a Hugging Face MoE checkpoint,
+//! then generate from plain-data requests — one at a time with streaming, or many at once in
+//! one batch, each sequence with its own KV cache.
+//!
+//! ```no_run
+//! use moe_engine::{Engine, EngineOptions, GenerateRequest, Prompt, SamplingParams};
+//!
+//! # fn main() -> Result<(), moe_engine::Error> {
+//! let engine = Engine::load(&EngineOptions { model: Some("./Qwen3-30B-A3B".into()), ..Default::default() })?;
+//! let request = GenerateRequest {
+//!     prompt: Prompt::Text("Once upon a time".into()),
+//!     max_new_tokens: 64,
+//!     sampling: SamplingParams { temperature: 0.7, seed: Some(7), ..Default::default() },
+//!     ..Default::default()
+//! };
+//! let response = engine.generate(&request, &mut |piece: &str| print!("{piece}"))?;
+//! eprintln!("\n{} tokens, {:.1} tok/s", response.generated_token_ids.len(), response.timings.decode_tokens_per_second);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Knows requests, tokenizers, sampling and sequences; does not know how a layer is computed
+//! (that is `moe-models`) nor how files are read (`moe-loader`).
+#![warn(missing_docs)]
+
+pub mod chat;
+pub mod device;
+pub mod engine;
+pub mod generate;
+pub mod perplexity;
+pub mod request;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use device::{DeviceChoice, DtypeChoice};
+pub use engine::{bundled_model_dir, Engine, EngineOptions};
+pub use moe_core::{Error, Result};
+pub use perplexity::PerplexityReport;
+pub use request::{ChatMessage, FinishReason, GenerateRequest, GenerateResponse, Prompt, Timings};
+pub use sampling::{Sampler, SamplingParams};

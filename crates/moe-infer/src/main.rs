@@ -1,1 +1,327 @@
-fn main() {}
+//! The `moe-infer` command line: `generate`, `perplexity` and `inspect`. Parses flags into the
+//! engine's plain request types and prints; all the work is in `moe-engine`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use moe_engine::{
+    ChatMessage, DeviceChoice, DtypeChoice, Engine, EngineOptions, GenerateRequest, Prompt,
+    SamplingParams,
+};
+
+/// A local inference engine for sparse mixture-of-experts language models.
+#[derive(Parser)]
+#[command(name = "moe-infer", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (streams to stdout, stats to stderr).
+    Generate(GenerateArgs),
+    /// Perplexity of a text file (or token ids).
+    Perplexity(PerplexityArgs),
+    /// Print a model's architecture, experts, parameter counts and bytes.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model folder or Hugging Face hub id (org/name[@revision]); default: the bundled demo model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: auto (f32 on CPU, checkpoint dtype on GPU), f32, bf16, f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+}
+
+impl ModelArgs {
+    fn load(&self, show_progress: bool) -> Result<Engine> {
+        let options = EngineOptions {
+            model: self.model.clone(),
+            device: self.device.parse::<DeviceChoice>()?,
+            dtype: self.dtype.parse::<DtypeChoice>()?,
+            show_progress,
+        };
+        Ok(Engine::load(&options)?)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "token_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids (used verbatim).
+    #[arg(long, value_delimiter = ',')]
+    token_ids: Option<Vec<u32>>,
+    /// Render the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Most tokens to generate (default: generation_config.json, else 128).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy (default: generation_config.json, else greedy).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Top-k filter (0 = off).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Top-p (nucleus) filter (1 = off).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Min-p filter (0 = off).
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Repetition penalty (1 = off).
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Random seed (same seed, same output).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this string appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score.
+    #[arg(long, conflicts_with = "token_ids")]
+    file: Option<PathBuf>,
+    /// Token ids to score, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    token_ids: Option<Vec<u32>>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write all `[n_tokens, vocab]` f32 logits to this safetensors file (tensor `logits`).
+    #[arg(long)]
+    dump_logits: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Perplexity(args) => perplexity(args),
+        Command::Inspect(args) => inspect(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let prompt = match (&args.prompt, &args.token_ids) {
+        (_, Some(ids)) if args.chat => bail!(
+            "--chat takes --prompt text, not --token-ids ({} ids given)",
+            ids.len()
+        ),
+        (_, Some(ids)) => Prompt::TokenIds(ids.clone()),
+        (Some(text), None) if args.chat => {
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: system.clone(),
+                });
+            }
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: text.clone(),
+            });
+            Prompt::Chat(messages)
+        }
+        (Some(text), None) => Prompt::Text(text.clone()),
+        (None, None) => bail!("give a prompt with --prompt TEXT or --token-ids 1,2,3"),
+    };
+    let engine = args.model.load(!args.json)?;
+    let mut sampling: SamplingParams = engine.default_sampling().clone();
+    if let Some(t) = args.temperature {
+        sampling.temperature = t;
+    }
+    if let Some(k) = args.top_k {
+        sampling.top_k = k;
+    }
+    if let Some(p) = args.top_p {
+        sampling.top_p = p;
+    }
+    if let Some(p) = args.min_p {
+        sampling.min_p = p;
+    }
+    if let Some(r) = args.repetition_penalty {
+        sampling.repetition_penalty = r;
+    }
+    sampling.seed = args.seed;
+    let request = GenerateRequest {
+        prompt: prompt.clone(),
+        max_new_tokens: args
+            .max_new_tokens
+            .or(engine.default_max_new_tokens())
+            .unwrap_or(128),
+        sampling,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+    };
+    if args.json {
+        let response = engine.generate(&request, &mut |_| {})?;
+        let mut value = serde_json::to_value(&response)?;
+        value["model"] = serde_json::json!(engine.model_dir().display().to_string());
+        value["load_seconds"] = serde_json::json!(engine.load_seconds());
+        println!("{}", serde_json::to_string(&value)?);
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Prompt::Text(text) = &prompt {
+        write!(stdout, "{text}")?;
+        stdout.flush()?;
+    }
+    let response = engine.generate(&request, &mut |piece| {
+        let _ = write!(stdout, "{piece}");
+        let _ = stdout.flush();
+    })?;
+    writeln!(stdout)?;
+    let t = &response.timings;
+    eprintln!(
+        "prompt: {} tokens, prefill {:.1} tok/s | generated: {} tokens, decode {:.1} tok/s | finish: {} | load {:.2} s | seed {}",
+        t.prompt_tokens,
+        t.prefill_tokens_per_second,
+        t.generated_tokens,
+        t.decode_tokens_per_second,
+        serde_json::to_value(response.finish_reason)?.as_str().unwrap_or("?"),
+        engine.load_seconds(),
+        response.seed,
+    );
+    Ok(())
+}
+
+fn perplexity(args: PerplexityArgs) -> Result<()> {
+    let engine = args.model.load(!args.json)?;
+    let tokens = match (&args.file, &args.token_ids) {
+        (Some(path), None) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+            engine.tokenizer().encode(&text, true)?
+        }
+        (None, Some(ids)) => ids.clone(),
+        _ => bail!("give the text with --file PATH or --token-ids 1,2,3"),
+    };
+    let vocab = engine.model().hparams().vocab_size;
+    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary of {vocab}");
+    }
+    let report = engine.perplexity(&tokens, args.dump_logits.is_some())?;
+    if let (Some(path), Some(logits)) = (&args.dump_logits, &report.logits) {
+        write_logits(path, logits)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "perplexity {:.4} (mean NLL {:.4} nats over {} predicted tokens of {}, window {}, {:.2} s)",
+            report.perplexity, report.mean_nll, report.n_predicted, report.n_tokens, report.window, report.seconds
+        );
+    }
+    Ok(())
+}
+
+fn write_logits(path: &std::path::Path, logits: &candle_core::Tensor) -> Result<()> {
+    let shape = logits.dims().to_vec();
+    let values: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)?;
+    safetensors::tensor::serialize_to_file([("logits", view)], None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn inspect(args: InspectArgs) -> Result<()> {
+    let engine = args.model.load(!args.json)?;
+    let s = engine.summary();
+    if args.json {
+        let mut value = serde_json::to_value(s)?;
+        value["model"] = serde_json::json!(engine.model_dir().display().to_string());
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    println!("model         {}", engine.model_dir().display());
+    println!("architecture  {}", s.architecture);
+    println!(
+        "layers        {} ({} with MoE: {:?})",
+        s.n_layers,
+        s.moe_layers.len(),
+        s.moe_layers
+    );
+    println!(
+        "experts       {} routed, top-{}, {} shared, norm_topk_prob {}",
+        s.n_experts, s.top_k, s.n_shared_experts, s.norm_topk_prob
+    );
+    println!(
+        "attention     {} heads, {} kv heads, head dim {}",
+        s.heads.0, s.heads.1, s.heads.2
+    );
+    println!(
+        "hidden        {}   vocab {}   context {}",
+        s.hidden_size, s.vocab_size, s.context_length
+    );
+    println!(
+        "parameters    {} total, {} active per token ({:.1} %)",
+        human(s.params_total),
+        human(s.params_active),
+        100.0 * s.params_active as f64 / s.params_total.max(1) as f64
+    );
+    let dtypes: Vec<String> = s
+        .checkpoint_bytes_by_dtype
+        .iter()
+        .map(|(d, b)| format!("{d} {:.3} GB", gb(*b)))
+        .collect();
+    println!("checkpoint    {}", dtypes.join(", "));
+    println!("experts bytes {:.3} GB routed", gb(s.routed_expert_bytes));
+    println!("compute dtype {}", s.compute_dtype);
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}

@@ -1,7 +1,7 @@
 //! The expert feed-forward: `down(act(gate(x)) * up(x))` over the rows routed to one expert.
 //! Contract: `x` is `[n_rows, hidden]` in the weights' dtype; the result is `[n_rows, hidden]`.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use moe_core::Result;
 
 /// The gated activation between the gate/up and down projections.
@@ -42,10 +42,16 @@ pub fn expert_ffn(
     let gate = x.matmul(&weights.gate.t()?)?;
     let up = x.matmul(&weights.up.t()?)?;
     let hidden = match activation {
-        ExpertActivation::SiluGlu => (candle_core::Tensor::silu(&gate)? * up)?,
+        ExpertActivation::SiluGlu => (silu(&gate)? * up)?,
     };
     // [n_rows, hidden]
     Ok(hidden.matmul(&weights.down.t()?)?)
+}
+
+/// `silu(x)` computed in f32 and rounded once to `x`'s dtype, as torch does for bf16/f16
+/// (candle's own half-precision silu rounds after each of its three elementary ops).
+fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.to_dtype(DType::F32)?.silu()?.to_dtype(x.dtype())
 }
 
 /// The same contract from elementary ops (`x · Wᵀ` via broadcast multiply and sum): the
@@ -72,7 +78,7 @@ pub fn expert_ffn_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     #[test]
     fn fast_matches_reference() {

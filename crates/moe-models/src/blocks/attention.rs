@@ -157,7 +157,11 @@ impl Attention {
         let group = c.n_heads / c.n_kv_heads;
         // Query heads that share a kv head are stacked as rows: [n_kv, group * n_new, d].
         let q = q.reshape((c.n_kv_heads, group * n_new, d))?;
-        let scores = (q.matmul(&k.t()?)? * c.softmax_scale)?.to_dtype(DType::F32)?;
+        // As torch: `q·k` rounded to the compute dtype, scaled in f32 by the f32 scale (not one
+        // rounded to bf16) and rounded again; the softmax then runs in f32.
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * c.softmax_scale)?
+            .to_dtype(q.dtype())?
+            .to_dtype(DType::F32)?;
         let scores = if n_new > 1 {
             let mask = causal_mask(n_new, n_keys, n_past, q.device())?;
             scores

@@ -25,8 +25,9 @@ impl RmsNorm {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        // `x * rsqrt(var + eps)`: torch's rsqrt is `1 / sqrt`, then a multiply.
         let normed = xf
-            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
+            .broadcast_mul(&(variance + self.eps)?.sqrt()?.recip()?)?
             .to_dtype(dtype)?;
         Ok(normed.broadcast_mul(&self.weight)?)
     }

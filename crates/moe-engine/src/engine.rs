@@ -1,0 +1,197 @@
+//! The [`Engine`]: a loaded model with its tokenizer, chat template and generation defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use moe_core::{Error, Result};
+use moe_loader::{resolve_model, Checkpoint, ConfigFile};
+use moe_models::{load_decoder, DecoderModel, LoadOptions, ModelSummary};
+
+use crate::chat::ChatTemplate;
+use crate::device::{DeviceChoice, DtypeChoice};
+use crate::request::{ChatMessage, Prompt};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::TextTokenizer;
+
+/// How to load an engine.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// A local folder or a hub id (`org/name[@revision]`); `None` is the bundled demo model.
+    pub model: Option<String>,
+    /// Where to run.
+    pub device: DeviceChoice,
+    /// Compute dtype.
+    pub dtype: DtypeChoice,
+    /// Show progress bars while downloading and loading.
+    pub show_progress: bool,
+}
+
+/// The folder of the bundled demo model: `$MOE_INFER_BUNDLED_MODEL`, else `models/tinystories-moe`
+/// of the source tree this binary was built from.
+pub fn bundled_model_dir() -> PathBuf {
+    match std::env::var_os("MOE_INFER_BUNDLED_MODEL") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tinystories-moe");
+            dir.canonicalize().unwrap_or(dir)
+        }
+    }
+}
+
+/// A loaded model ready to serve requests. `Sync`: share it by reference across threads.
+pub struct Engine {
+    pub(crate) model: DecoderModel,
+    pub(crate) tokenizer: TextTokenizer,
+    chat_template: Option<ChatTemplate>,
+    default_sampling: SamplingParams,
+    default_max_new_tokens: Option<usize>,
+    model_dir: PathBuf,
+    load_seconds: f64,
+}
+
+impl Engine {
+    /// Resolves and loads a model.
+    pub fn load(options: &EngineOptions) -> Result<Self> {
+        let start = Instant::now();
+        let dir = match &options.model {
+            Some(spec) => resolve_model(spec, options.show_progress)?.path,
+            None => {
+                let dir = bundled_model_dir();
+                if !dir.join("config.json").exists() {
+                    return Err(Error::ModelNotFound {
+                        spec: dir.display().to_string(),
+                        message: "the bundled model is missing; pass --model DIR or set MOE_INFER_BUNDLED_MODEL".into(),
+                    });
+                }
+                dir
+            }
+        };
+        let device = options.device.to_device()?;
+        let config = ConfigFile::read(&dir.join("config.json"))?;
+        let stored = Checkpoint::open_dir(&dir)?.dominant_dtype();
+        let dtype = options.dtype.resolve(&device, stored.as_deref());
+        let model = load_decoder(&dir, &LoadOptions { dtype, device }, options.show_progress)?;
+        let tokenizer_config = ConfigFile::read_optional(&dir.join("tokenizer_config.json"))?;
+        let generation_config = ConfigFile::read_optional(&dir.join("generation_config.json"))?;
+        let tokenizer = TextTokenizer::load(
+            &dir,
+            &config,
+            tokenizer_config.as_ref(),
+            generation_config.as_ref(),
+        )?;
+        let chat_template = match &tokenizer_config {
+            Some(t) => ChatTemplate::from_tokenizer_config(t)?,
+            None => None,
+        };
+        let (default_sampling, default_max_new_tokens) = match &generation_config {
+            Some(g) => generation_defaults(g)?,
+            None => (SamplingParams::default(), None),
+        };
+        Ok(Self {
+            model,
+            tokenizer,
+            chat_template,
+            default_sampling,
+            default_max_new_tokens,
+            model_dir: dir,
+            load_seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &DecoderModel {
+        &self.model
+    }
+
+    /// Facts for `inspect`.
+    pub fn summary(&self) -> &ModelSummary {
+        self.model.summary()
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// The folder the model was loaded from.
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    /// Seconds `load` took.
+    pub fn load_seconds(&self) -> f64 {
+        self.load_seconds
+    }
+
+    /// Context window in tokens.
+    pub fn context_length(&self) -> usize {
+        self.model.hparams().max_position_embeddings
+    }
+
+    /// Sampling defaults from `generation_config.json` (greedy when it does not sample).
+    pub fn default_sampling(&self) -> &SamplingParams {
+        &self.default_sampling
+    }
+
+    /// `max_new_tokens` from `generation_config.json`, if set.
+    pub fn default_max_new_tokens(&self) -> Option<usize> {
+        self.default_max_new_tokens
+    }
+
+    /// Does the model ship a chat template?
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Turns a prompt into token ids (chat template, BOS) and checks they fit the context.
+    pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let ids = match prompt {
+            Prompt::Text(text) => self.tokenizer.encode(text, true)?,
+            Prompt::Chat(messages) => self.render_chat(messages)?,
+            Prompt::TokenIds(ids) => ids.clone(),
+        };
+        if ids.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        let vocab = self.model.hparams().vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "prompt token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let ctx = self.context_length();
+        if ids.len() >= ctx {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt has {} tokens but the context window is {ctx} tokens (at least one must be left to generate)",
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "{} has no chat template (tokenizer_config.json `chat_template`); drop --chat",
+                self.model_dir.display()
+            ))
+        })?;
+        let text = template.render(messages)?;
+        // The template writes its own BOS when the model wants one.
+        self.tokenizer.encode(&text, false)
+    }
+}
+
+fn generation_defaults(g: &ConfigFile) -> Result<(SamplingParams, Option<usize>)> {
+    let mut s = SamplingParams::default();
+    if g.bool_or("do_sample", false)? {
+        s.temperature = g.opt_f64("temperature")?.unwrap_or(1.0) as f32;
+        s.top_k = g.opt_usize("top_k")?.unwrap_or(50);
+        s.top_p = g.opt_f64("top_p")?.unwrap_or(1.0) as f32;
+        s.min_p = g.opt_f64("min_p")?.unwrap_or(0.0) as f32;
+    }
+    s.repetition_penalty = g.opt_f64("repetition_penalty")?.unwrap_or(1.0) as f32;
+    s.validate()
+        .map_err(|e| g.error("sampling defaults", e.to_string()))?;
+    Ok((s, g.opt_usize("max_new_tokens")?))
+}
