@@ -141,7 +141,7 @@ fn check_fixture(name: &str, tol: Tolerance) {
                 checked += 1;
             }
         }
-        if tol.exact_routing {
+        if tol.exact_routing && !reference.moe_layers.is_empty() {
             assert!(checked > 0, "{name}: no routing checked");
         }
 
@@ -227,9 +227,11 @@ const F32: Tolerance = Tolerance {
     logits: 1e-4,
     exact_routing: true,
 };
+/// bf16 logits of magnitude 4–8 are 0.03 apart; the CPU kernels reproduce torch's rounding,
+/// so routing and greedy tokens are held exactly too.
 const BF16: Tolerance = Tolerance {
     logits: 2e-2,
-    exact_routing: false,
+    exact_routing: true,
 };
 
 #[test]
@@ -275,4 +277,19 @@ fn olmoe() {
 #[test]
 fn olmoe_normtopk() {
     check_fixture("olmoe-normtopk", F32);
+}
+
+#[test]
+fn llama() {
+    check_fixture("llama", F32);
+}
+
+#[test]
+fn llama_tied() {
+    check_fixture("llama-tied", F32);
+}
+
+#[test]
+fn qwen3() {
+    check_fixture("qwen3", F32);
 }

@@ -14,7 +14,8 @@ pub enum Error {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// A checkpoint file is malformed (truncated, bad header, offsets out of range, ...).
+    /// A checkpoint file is malformed (truncated safetensors, bad header, offsets out of
+    /// range, a shard index or JSON config that does not parse, ...).
     #[error("{}: {message}", path.display())]
     Checkpoint {
         /// The safetensors (or index) file at fault.

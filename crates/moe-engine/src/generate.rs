@@ -58,13 +58,14 @@ impl Engine {
         for request in requests {
             if request.max_new_tokens == 0 {
                 return Err(Error::InvalidRequest(
-                    "max new tokens must be at least 1".into(),
+                    "invalid max_new_tokens 0: must be at least 1".into(),
                 ));
             }
-            if request.stop.iter().any(String::is_empty) {
-                return Err(Error::InvalidRequest(
-                    "stop strings must not be empty".into(),
-                ));
+            if let Some(i) = request.stop.iter().position(String::is_empty) {
+                return Err(Error::InvalidRequest(format!(
+                    "invalid stop string #{} \"\": stop strings must not be empty",
+                    i + 1
+                )));
             }
             seqs.push(Sequence {
                 request,

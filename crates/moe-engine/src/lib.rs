@@ -2,19 +2,22 @@
 //! then generate from plain-data requests — one at a time with streaming, or many at once in
 //! one batch, each sequence with its own KV cache.
 //!
-//! ```no_run
+//! ```
 //! use moe_engine::{Engine, EngineOptions, GenerateRequest, Prompt, SamplingParams};
 //!
 //! # fn main() -> Result<(), moe_engine::Error> {
-//! let engine = Engine::load(&EngineOptions { model: Some("./Qwen3-30B-A3B".into()), ..Default::default() })?;
+//! // `model: None` is the bundled demo model; use a folder or a hub id for a real one.
+//! let engine = Engine::load(&EngineOptions::default())?;
 //! let request = GenerateRequest {
 //!     prompt: Prompt::Text("Once upon a time".into()),
-//!     max_new_tokens: 64,
-//!     sampling: SamplingParams { temperature: 0.7, seed: Some(7), ..Default::default() },
+//!     max_new_tokens: 16,
+//!     sampling: SamplingParams { temperature: 0.8, top_k: 40, seed: Some(7), ..Default::default() },
 //!     ..Default::default()
 //! };
-//! let response = engine.generate(&request, &mut |piece: &str| print!("{piece}"))?;
-//! eprintln!("\n{} tokens, {:.1} tok/s", response.generated_token_ids.len(), response.timings.decode_tokens_per_second);
+//! let mut streamed = String::new();
+//! let response = engine.generate(&request, &mut |piece: &str| streamed.push_str(piece))?;
+//! assert_eq!(streamed, response.text);
+//! assert!(!response.generated_token_ids.is_empty());
 //! # Ok(())
 //! # }
 //! ```

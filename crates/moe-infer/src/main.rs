@@ -75,19 +75,19 @@ struct GenerateArgs {
     #[arg(long)]
     max_new_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy (default: generation_config.json, else greedy).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
     /// Top-k filter (0 = off).
     #[arg(long)]
     top_k: Option<usize>,
     /// Top-p (nucleus) filter (1 = off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f32>,
     /// Min-p filter (0 = off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_p: Option<f32>,
     /// Repetition penalty (1 = off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     repetition_penalty: Option<f32>,
     /// Random seed (same seed, same output).
     #[arg(long)]
@@ -140,10 +140,32 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes as one line: causes whose text the message already contains are
+/// skipped (library errors print their source themselves), line breaks are folded.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(text.trim()) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {

@@ -1,8 +1,12 @@
 //! The expert feed-forward: `down(act(gate(x)) * up(x))` over the rows routed to one expert.
 //! Contract: `x` is `[n_rows, hidden]` in the weights' dtype; the result is `[n_rows, hidden]`.
+//! In bf16 it rounds where torch does: after each projection, after the activation and after
+//! the product.
 
 use candle_core::{DType, Tensor, D};
 use moe_core::Result;
+
+use crate::matmul::{matmul_nt, SumOrder};
 
 /// The gated activation between the gate/up and down projections.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -39,13 +43,13 @@ pub fn expert_ffn(
     activation: ExpertActivation,
 ) -> Result<Tensor> {
     // [n_rows, intermediate]
-    let gate = x.matmul(&weights.gate.t()?)?;
-    let up = x.matmul(&weights.up.t()?)?;
+    let gate = matmul_nt(x, &weights.gate, None, SumOrder::Blocked)?;
+    let up = matmul_nt(x, &weights.up, None, SumOrder::Blocked)?;
     let hidden = match activation {
         ExpertActivation::SiluGlu => (silu(&gate)? * up)?,
     };
     // [n_rows, hidden]
-    Ok(hidden.matmul(&weights.down.t()?)?)
+    matmul_nt(&hidden, &weights.down, None, SumOrder::Blocked)
 }
 
 /// `silu(x)` computed in f32 and rounded once to `x`'s dtype, as torch does for bf16/f16

@@ -1,15 +1,22 @@
 //! The MoE compute stages, each a function with a written contract: top-k routing, grouping
-//! token rows by expert, the expert FFN, and the weighted combine. Every stage has a plain
-//! reference made of candle ops (`*_reference`) that tests hold the fast path to.
+//! token rows by expert, the expert FFN, and the weighted combine; every stage has a plain
+//! reference made of candle ops (`*_reference`) that tests hold the fast path to. Also the
+//! matmul, softmax and RMSNorm that round like torch's CPU kernels, for bf16 parity.
 //! Knows nothing of checkpoints, architectures or where expert weights live.
 #![warn(missing_docs)]
 
 pub mod combine;
 pub mod expert_ffn;
 pub mod grouping;
+pub mod matmul;
+pub mod rms_norm;
 pub mod routing;
+pub mod softmax;
 
 pub use combine::combine;
 pub use expert_ffn::{expert_ffn, expert_ffn_reference, ExpertActivation, ExpertWeights};
 pub use grouping::ExpertGroups;
+pub use matmul::{matmul_nn, matmul_nt, SumOrder};
+pub use rms_norm::rms_norm;
 pub use routing::{route, route_reference};
+pub use softmax::softmax_last_dim;

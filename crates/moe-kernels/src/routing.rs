@@ -85,16 +85,9 @@ fn route_cpu(logits: &Tensor, spec: &RoutingSpec) -> Result<Routing> {
     })
 }
 
+/// torch's f32 softmax (the router's `softmax(logits.float())`), bit for bit.
 fn softmax_into(logits: &[f32], out: &mut [f32]) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for (o, &l) in out.iter_mut().zip(logits) {
-        *o = (l - max).exp();
-        sum += *o;
-    }
-    for o in out.iter_mut() {
-        *o /= sum;
-    }
+    crate::softmax::softmax_row(logits, out);
 }
 
 fn finish_weights(weights: &mut [f32], spec: &RoutingSpec) {

@@ -21,9 +21,9 @@ impl ConfigFile {
             source,
         })?;
         let json: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(path, "<file>", format!("invalid JSON: {e}")))?;
+            .map_err(|e| Error::checkpoint(path, format!("invalid JSON: {e}")))?;
         if !json.is_object() {
-            return Err(Error::config(path, "<file>", "not a JSON object"));
+            return Err(Error::checkpoint(path, "not a JSON object"));
         }
         Ok(Self {
             path: path.to_path_buf(),

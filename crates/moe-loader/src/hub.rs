@@ -32,6 +32,12 @@ pub fn resolve_model(spec: &str, show_progress: bool) -> Result<ModelDir> {
             spec: spec.to_string(),
         });
     }
+    if local.exists() {
+        return Err(Error::ModelNotFound {
+            spec: spec.into(),
+            message: "not a folder (pass the folder that holds config.json)".into(),
+        });
+    }
     let looks_like_hub_id =
         !spec.starts_with('.') && !spec.starts_with('/') && spec.split('/').count() == 2;
     if !looks_like_hub_id {

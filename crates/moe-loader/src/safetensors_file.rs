@@ -91,13 +91,22 @@ impl SafetensorsFile {
             }
             let elem = dtype_size(&entry.dtype)
                 .ok_or_else(|| bad(format!("tensor `{name}` has unknown dtype {}", entry.dtype)))?;
-            let n_elems: usize = entry.shape.iter().product();
-            if n_elems * elem != end - start {
+            let n_bytes = entry
+                .shape
+                .iter()
+                .try_fold(elem, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tensor `{name}`: shape {:?} is too large to address",
+                        entry.shape
+                    ))
+                })?;
+            if n_bytes != end - start {
                 return Err(bad(format!(
                     "tensor `{name}`: shape {:?} × {} needs {} bytes but its offsets span {}",
                     entry.shape,
                     entry.dtype,
-                    n_elems * elem,
+                    n_bytes,
                     end - start
                 )));
             }

@@ -103,6 +103,10 @@ pub struct MoeRecipe {
     pub names: ExpertNames,
     /// Routing parameters.
     pub routing: RoutingSpec,
+    /// Round the routing weights to the activation dtype before they scale the expert outputs
+    /// (transformers casts `router_top_value.to(router_logits.dtype)` for Qwen2/Qwen3-MoE and
+    /// OLMoE; Mixtral multiplies by the f32 weights). No effect in f32.
+    pub round_weights: bool,
     /// Shared expert: intermediate size and whether it has a sigmoid gate.
     pub shared: Option<SharedExpertRecipe>,
 }
@@ -188,6 +192,7 @@ impl DecoderModel {
                         layer,
                         router: Linear::load(&block, "gate", h, moe.routing.n_experts, false)?,
                         routing: moe.routing.clone(),
+                        round_weights: moe.round_weights,
                         experts: experts.clone(),
                         activation: ExpertActivation::SiluGlu,
                         shared,

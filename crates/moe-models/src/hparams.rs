@@ -5,7 +5,7 @@ use candle_core::{DType, Device};
 use moe_core::Result;
 use moe_loader::ConfigFile;
 
-use crate::blocks::rope::RopeConfig;
+use crate::blocks::rope::{RopeConfig, RopeScaling};
 
 /// What the loader was asked for, beyond the checkpoint itself.
 #[derive(Debug, Clone)]
@@ -15,6 +15,13 @@ pub struct LoadOptions {
     /// Device to place the model on.
     pub device: Device,
 }
+
+/// Largest context window accepted (the rotary tables cover every position up front).
+pub const MAX_POSITIONS: usize = 1 << 24;
+
+/// Largest attention width (`num_attention_heads × head_dim`) accepted; far above any real
+/// model, it keeps shape arithmetic from overflowing on corrupt configs.
+const MAX_DIM: usize = 1 << 31;
 
 /// The shared decoder hyper-parameters.
 #[derive(Debug, Clone)]
@@ -75,6 +82,12 @@ impl DecoderHParams {
                 format!("{head_dim} must be even and non-zero for rotary embeddings"),
             ));
         }
+        if n_heads.checked_mul(head_dim).is_none_or(|w| w > MAX_DIM) {
+            return Err(cfg.error(
+                "num_attention_heads",
+                format!("{n_heads} heads of dimension {head_dim} is implausibly large"),
+            ));
+        }
         let act = cfg.opt_str("hidden_act")?.unwrap_or("silu");
         if act != "silu" {
             return Err(cfg.error(
@@ -83,6 +96,12 @@ impl DecoderHParams {
             ));
         }
         let max_position_embeddings = cfg.usize("max_position_embeddings")?;
+        if max_position_embeddings > MAX_POSITIONS {
+            return Err(cfg.error(
+                "max_position_embeddings",
+                format!("{max_position_embeddings} is larger than the supported {MAX_POSITIONS} (the rotary table is precomputed)"),
+            ));
+        }
         let hp = Self {
             vocab_size: cfg.usize("vocab_size")?,
             hidden_size,
@@ -95,6 +114,26 @@ impl DecoderHParams {
             tie_word_embeddings: cfg.bool_or("tie_word_embeddings", default_tie)?,
             rope: RopeConfig::read(cfg, head_dim, max_position_embeddings)?,
         };
+        if !(hp.rms_norm_eps.is_finite() && hp.rms_norm_eps > 0.0) {
+            return Err(cfg.error(
+                "rms_norm_eps",
+                format!("{} must be a positive number", hp.rms_norm_eps),
+            ));
+        }
+        if !(hp.rope.theta.is_finite() && hp.rope.theta > 0.0) {
+            return Err(cfg.error(
+                "rope_theta",
+                format!("{} must be a positive number", hp.rope.theta),
+            ));
+        }
+        if let RopeScaling::Linear { factor } = hp.rope.scaling {
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(cfg.error(
+                    "rope_parameters.factor",
+                    format!("{factor} must be a positive number"),
+                ));
+            }
+        }
         if hp.vocab_size == 0 || hp.hidden_size == 0 || hp.n_layers == 0 {
             return Err(cfg.error(
                 "vocab_size/hidden_size/num_hidden_layers",

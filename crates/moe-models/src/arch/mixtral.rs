@@ -24,6 +24,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
             renormalize: true,
             scaling_factor: 1.0,
         },
+        round_weights: false,
         shared: None,
     };
     Ok(DecoderRecipe {

@@ -2,9 +2,11 @@
 //! file that reads its config fields and fills a [`DecoderRecipe`]. Adding an architecture
 //! costs one file, one row here and one fixture.
 
+mod llama;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
+mod qwen3;
 mod qwen3_moe;
 
 use moe_core::{Error, Result};
@@ -43,6 +45,16 @@ pub const ARCHITECTURES: &[Architecture] = &[
         hf_class: "OlmoeForCausalLM",
         recipe: olmoe::recipe,
         verified_by: &["olmoe", "olmoe-normtopk"],
+    },
+    Architecture {
+        hf_class: "LlamaForCausalLM",
+        recipe: llama::recipe,
+        verified_by: &["llama", "llama-tied"],
+    },
+    Architecture {
+        hf_class: "Qwen3ForCausalLM",
+        recipe: qwen3::recipe,
+        verified_by: &["qwen3"],
     },
 ];
 

@@ -32,6 +32,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
             renormalize: cfg.bool_or("norm_topk_prob", false)?,
             scaling_factor: 1.0,
         },
+        round_weights: true,
         shared: (shared_size > 0).then_some(SharedExpertRecipe {
             intermediate: shared_size,
             gate: Some("shared_expert_gate"),

@@ -24,6 +24,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
             renormalize: cfg.bool_or("norm_topk_prob", false)?,
             scaling_factor: 1.0,
         },
+        round_weights: true,
         shared: None,
     };
     let dense = FfnRecipe::Dense {

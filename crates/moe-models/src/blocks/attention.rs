@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use moe_core::Result;
+use moe_kernels::{matmul_nn, matmul_nt, softmax_last_dim, SumOrder};
 use moe_loader::TensorLookup;
 
 use crate::blocks::linear::Linear;
@@ -157,9 +158,11 @@ impl Attention {
         let group = c.n_heads / c.n_kv_heads;
         // Query heads that share a kv head are stacked as rows: [n_kv, group * n_new, d].
         let q = q.reshape((c.n_kv_heads, group * n_new, d))?;
-        // As torch: `q·k` rounded to the compute dtype, scaled in f32 by the f32 scale (not one
-        // rounded to bf16) and rounded again; the softmax then runs in f32.
-        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * c.softmax_scale)?
+        // As torch's eager attention: `q·kᵀ` rounded to the compute dtype, scaled in f32 by the
+        // f32 scale and rounded again; the softmax runs in f32 and is rounded before `·v`.
+        // Each head's products are `n_new × n_keys × d`, the size torch picks its sum order by.
+        let qk_order = SumOrder::batched(n_new, n_keys, d, SumOrder::Blocked);
+        let scores = (matmul_nt(&q, k, None, qk_order)?.to_dtype(DType::F32)? * c.softmax_scale)?
             .to_dtype(q.dtype())?
             .to_dtype(DType::F32)?;
         let scores = if n_new > 1 {
@@ -171,10 +174,10 @@ impl Attention {
         } else {
             scores
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let pv_order = SumOrder::batched(n_new, d, n_keys, SumOrder::Interleaved4);
         // [n_kv, group * n_new, d] -> [n_heads, n_new, d] -> [n_new, n_heads * d]
-        let out = probs
-            .matmul(v)?
+        let out = matmul_nn(&probs, v, pv_order)?
             .reshape((c.n_heads, n_new, d))?
             .transpose(0, 1)?;
         Ok(out.reshape((n_new, c.n_heads * d))?)

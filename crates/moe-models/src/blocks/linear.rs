@@ -2,6 +2,7 @@
 
 use candle_core::Tensor;
 use moe_core::Result;
+use moe_kernels::{matmul_nt, SumOrder};
 use moe_loader::TensorLookup;
 
 /// A linear layer.
@@ -36,13 +37,10 @@ impl Linear {
         Self { weight, bias: None }
     }
 
-    /// Applies the projection to `x` (`[n, in]` → `[n, out]`).
+    /// Applies the projection to `x` (`[n, in]` → `[n, out]`). In bf16 on the CPU the bias is
+    /// added before the single rounding, as torch's `addmm` does.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        matmul_nt(x, &self.weight, self.bias.as_ref(), SumOrder::Blocked)
     }
 
     /// The weight matrix.

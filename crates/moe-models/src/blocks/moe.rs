@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use moe_core::{ExpertKey, Result, Routing, RoutingSpec};
 use moe_kernels::{combine, expert_ffn, route, ExpertActivation, ExpertGroups};
 
@@ -39,6 +39,8 @@ pub struct SparseMoeBlock {
     pub router: Linear,
     /// Routing parameters.
     pub routing: RoutingSpec,
+    /// Round the routing weights to the activation dtype before applying them.
+    pub round_weights: bool,
     /// Where the routed experts' weights come from.
     pub experts: Arc<dyn ExpertSource>,
     /// Activation inside each expert.
@@ -57,7 +59,10 @@ impl SparseMoeBlock {
         let (n_tokens, hidden) = x.dims2()?;
         // [n_tokens, n_experts]
         let logits = self.router.forward(x)?;
-        let routing = route(&logits, &self.routing)?;
+        let mut routing = route(&logits, &self.routing)?;
+        if self.round_weights {
+            routing.weights = routing.weights.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
+        }
         if let Some(observer) = observer {
             observer.on_routing(self.layer, &logits, &routing);
         }
@@ -80,7 +85,10 @@ impl SparseMoeBlock {
         if let Some(shared) = &self.shared {
             let mut s = shared.mlp.forward(x)?;
             if let Some(gate) = &shared.gate {
-                s = candle_nn::ops::sigmoid(&gate.forward(x)?)?.broadcast_mul(&s)?;
+                // sigmoid in f32, rounded once (candle's bf16 sigmoid rounds per step).
+                let g = gate.forward(x)?;
+                let g = candle_nn::ops::sigmoid(&g.to_dtype(DType::F32)?)?.to_dtype(g.dtype())?;
+                s = g.broadcast_mul(&s)?;
             }
             y = (y + s)?;
         }

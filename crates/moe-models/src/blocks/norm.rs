@@ -1,6 +1,6 @@
 //! RMSNorm as transformers computes it: in f32, then `weight * x.to(dtype)`.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use moe_core::Result;
 use moe_loader::TensorLookup;
 
@@ -22,13 +22,6 @@ impl RmsNorm {
 
     /// Normalises `x` (`[..., size]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        // `x * rsqrt(var + eps)`: torch's rsqrt is `1 / sqrt`, then a multiply.
-        let normed = xf
-            .broadcast_mul(&(variance + self.eps)?.sqrt()?.recip()?)?
-            .to_dtype(dtype)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
+        moe_kernels::rms_norm(x, &self.weight, self.eps)
     }
 }
