@@ -310,10 +310,17 @@ fn inspect(args: InspectArgs) -> Result<()> {
         s.moe_layers.len(),
         s.moe_layers
     );
-    println!(
-        "experts       {} routed, top-{}, {} shared, norm_topk_prob {}",
-        s.n_experts, s.top_k, s.n_shared_experts, s.norm_topk_prob
-    );
+    if s.moe_layers.is_empty() {
+        println!("experts       none (dense model)");
+    } else {
+        println!(
+            "experts       {} routed, top-{}, {} shared, norm_topk_prob {}",
+            s.n_experts, s.top_k, s.n_shared_experts, s.norm_topk_prob
+        );
+    }
+    for (name, value) in &s.facts {
+        println!("{name:<13} {value}");
+    }
     println!(
         "attention     {} heads, {} kv heads, head dim {}",
         s.heads.0, s.heads.1, s.heads.2

@@ -133,6 +133,8 @@ pub struct DecoderRecipe {
     pub attention: AttentionConfig,
     /// One entry per layer.
     pub ffn: Vec<FfnRecipe>,
+    /// Family-specific facts `inspect` shows (MLA ranks, sinks, expert groups, ...).
+    pub facts: Vec<(&'static str, String)>,
 }
 
 impl DecoderModel {
@@ -222,6 +224,7 @@ impl DecoderModel {
             recipe.architecture,
             &hp,
             &recipe.ffn,
+            &recipe.facts,
             lookup.checkpoint(),
             options.dtype,
         );

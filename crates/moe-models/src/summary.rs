@@ -44,6 +44,8 @@ pub struct ModelSummary {
     pub checkpoint_bytes_by_dtype: BTreeMap<String, u64>,
     /// Compute dtype chosen at load.
     pub compute_dtype: String,
+    /// Family-specific facts (name, value).
+    pub facts: BTreeMap<String, String>,
 }
 
 impl ModelSummary {
@@ -52,6 +54,7 @@ impl ModelSummary {
         architecture: &str,
         hp: &DecoderHParams,
         ffn: &[FfnRecipe],
+        facts: &[(&'static str, String)],
         checkpoint: &Checkpoint,
         dtype: DType,
     ) -> Self {
@@ -100,6 +103,10 @@ impl ModelSummary {
             routed_expert_bytes: (routed as f64 * bytes_per_param) as u64,
             checkpoint_bytes_by_dtype: bytes_by_dtype,
             compute_dtype: format!("{dtype:?}").to_lowercase(),
+            facts: facts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         }
     }
 }

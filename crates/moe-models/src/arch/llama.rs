@@ -23,6 +23,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         attention,
         ffn: vec![dense_ffn(cfg)?; hparams.n_layers],
         hparams,
+        facts: Vec::new(),
     })
 }
 

@@ -32,5 +32,6 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         attention: super::standard_attention(&hparams, false, QkNorm::None, None),
         ffn: vec![FfnRecipe::Sparse(moe); hparams.n_layers],
         hparams,
+        facts: Vec::new(),
     })
 }

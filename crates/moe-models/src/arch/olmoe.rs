@@ -35,5 +35,6 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         attention,
         ffn: vec![FfnRecipe::Sparse(moe); hparams.n_layers],
         hparams,
+        facts: Vec::new(),
     })
 }

@@ -61,5 +61,6 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         ),
         ffn,
         hparams,
+        facts: Vec::new(),
     })
 }

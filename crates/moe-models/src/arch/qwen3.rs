@@ -31,6 +31,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         attention,
         ffn: vec![super::llama::dense_ffn(cfg)?; hparams.n_layers],
         hparams,
+        facts: Vec::new(),
     })
 }
 

@@ -48,5 +48,6 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         attention,
         ffn,
         hparams,
+        facts: Vec::new(),
     })
 }
