@@ -30,11 +30,11 @@ fn main() -> anyhow::Result<()> {
         renormalize: true,
         scaling_factor: 1.0,
     };
-    let expert = ExpertWeights {
-        gate: Tensor::randn(0f32, 0.02, (inter, hidden), &dev)?,
-        up: Tensor::randn(0f32, 0.02, (inter, hidden), &dev)?,
-        down: Tensor::randn(0f32, 0.02, (hidden, inter), &dev)?,
-    };
+    let expert = ExpertWeights::new(
+        Tensor::randn(0f32, 0.02, (inter, hidden), &dev)?,
+        Tensor::randn(0f32, 0.02, (inter, hidden), &dev)?,
+        Tensor::randn(0f32, 0.02, (hidden, inter), &dev)?,
+    );
     println!(
         "{:>8} {:>12} {:>12} {:>16}",
         "tokens", "route ms", "group ms", "ffn/expert ms"

@@ -293,3 +293,38 @@ fn llama_tied() {
 fn qwen3() {
     check_fixture("qwen3", F32);
 }
+
+#[test]
+fn gpt_oss() {
+    check_fixture("gpt_oss", F32);
+}
+
+#[test]
+fn granitemoe() {
+    check_fixture("granitemoe", F32);
+}
+
+#[test]
+fn phimoe() {
+    check_fixture("phimoe", F32);
+}
+
+#[test]
+fn deepseek_v2() {
+    check_fixture("deepseek_v2", F32);
+}
+
+#[test]
+fn deepseek_v2_lite() {
+    check_fixture("deepseek_v2-lite", F32);
+}
+
+#[test]
+fn deepseek_v3() {
+    check_fixture("deepseek_v3", F32);
+}
+
+#[test]
+fn deepseek_v3_nonorm() {
+    check_fixture("deepseek_v3-nonorm", F32);
+}

@@ -6,4 +6,4 @@ pub mod error;
 pub mod routing;
 
 pub use error::{Error, Result};
-pub use routing::{ExpertKey, Routing, RoutingSpec, ScoringFunction};
+pub use routing::{ExpertKey, GroupLimit, GroupScore, Routing, RoutingSpec, ScoringFunction};

@@ -4,12 +4,62 @@
 use candle_core::Tensor;
 
 /// How router logits become selection scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub enum ScoringFunction {
     /// softmax over all experts, then top-k (Mixtral, Qwen-MoE, OLMoE).
     Softmax,
     /// top-k over the raw logits, then softmax over the k chosen (GPT-OSS, Granite).
     TopKThenSoftmax,
+    /// Phi-MoE's sparsemixer, inference path (always two experts): the first is the largest
+    /// logit, weighted by its softmax over the logits within a relative distance
+    /// `2·jitter_eps` of it; the second is the largest remaining logit, weighted likewise
+    /// over the remaining logits near it.
+    SparseMixer {
+        /// `router_jitter_noise`: half the relative logit distance that masks an expert out.
+        jitter_eps: f64,
+    },
+    /// sigmoid of each logit (DeepSeek-V3 `scoring_func: sigmoid`), then top-k. A correction
+    /// bias passed with the logits (`e_score_correction_bias`) shifts the choice only: the
+    /// weights are the sigmoid scores without it; renormalisation divides by their sum + 1e-20.
+    Sigmoid,
+    /// [`Softmax`](Self::Softmax) scores, chosen only inside the best expert groups
+    /// (DeepSeek-V2 `topk_method: group_limited_greedy`).
+    SoftmaxGroupLimited(GroupLimit),
+    /// [`Sigmoid`](Self::Sigmoid) scores (bias for the choice included), chosen only inside the
+    /// best expert groups (DeepSeek-V3 `noaux_tc`).
+    SigmoidGroupLimited(GroupLimit),
+}
+
+/// DeepSeek's group limit: the experts are split into `n_group` equal consecutive groups, the
+/// `topk_group` groups with the best group score are kept (ties: lower group first), and the
+/// top-k is taken among their experts only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GroupLimit {
+    /// Number of expert groups (`n_group`); divides the number of experts.
+    pub n_group: usize,
+    /// Groups kept per token (`topk_group`).
+    pub topk_group: usize,
+    /// How a group's score is computed from its experts' selection scores.
+    pub group_score: GroupScore,
+}
+
+/// A group's score from its experts' selection scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum GroupScore {
+    /// The best expert's score (DeepSeek-V2).
+    Max,
+    /// The sum of the two best experts' scores (DeepSeek-V3).
+    SumTop2,
+}
+
+impl ScoringFunction {
+    /// The group limit, for the group-limited variants.
+    pub fn group_limit(&self) -> Option<GroupLimit> {
+        match *self {
+            Self::SoftmaxGroupLimited(limit) | Self::SigmoidGroupLimited(limit) => Some(limit),
+            _ => None,
+        }
+    }
 }
 
 /// What an MoE layer's router does: the part of the config that routing needs.

@@ -13,6 +13,14 @@ use crate::matmul::{matmul_nt, SumOrder};
 pub enum ExpertActivation {
     /// `silu(gate) * up` (Mixtral, Qwen-MoE, OLMoE, DeepSeek).
     SiluGlu,
+    /// GPT-OSS: `(up + 1) * gate * sigmoid(alpha * gate)` with `gate` clamped to at most
+    /// `limit` and `up` to `[-limit, limit]`.
+    ClampedSwiGlu {
+        /// Sigmoid slope (`swiglu_alpha`, 1.702).
+        alpha: f32,
+        /// Clamp bound (`swiglu_limit`).
+        limit: f32,
+    },
 }
 
 /// One expert's weights, as stored in HF checkpoints (`[out, in]` row-major).
@@ -24,13 +32,34 @@ pub struct ExpertWeights {
     pub up: Tensor,
     /// `[hidden, intermediate]`
     pub down: Tensor,
+    /// `[intermediate]`, added after the gate projection (GPT-OSS).
+    pub gate_bias: Option<Tensor>,
+    /// `[intermediate]`, added after the up projection.
+    pub up_bias: Option<Tensor>,
+    /// `[hidden]`, added after the down projection.
+    pub down_bias: Option<Tensor>,
 }
 
 impl ExpertWeights {
-    /// Bytes the three matrices take.
+    /// The three matrices, without biases.
+    pub fn new(gate: Tensor, up: Tensor, down: Tensor) -> Self {
+        Self {
+            gate,
+            up,
+            down,
+            gate_bias: None,
+            up_bias: None,
+            down_bias: None,
+        }
+    }
+
+    /// Bytes the matrices and biases take.
     pub fn n_bytes(&self) -> usize {
         [&self.gate, &self.up, &self.down]
-            .iter()
+            .into_iter()
+            .chain(self.gate_bias.as_ref())
+            .chain(self.up_bias.as_ref())
+            .chain(self.down_bias.as_ref())
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum()
     }
@@ -43,13 +72,57 @@ pub fn expert_ffn(
     activation: ExpertActivation,
 ) -> Result<Tensor> {
     // [n_rows, intermediate]
-    let gate = matmul_nt(x, &weights.gate, None, SumOrder::Blocked)?;
-    let up = matmul_nt(x, &weights.up, None, SumOrder::Blocked)?;
+    let gate = matmul_nt(
+        x,
+        &weights.gate,
+        weights.gate_bias.as_ref(),
+        SumOrder::Blocked,
+    )?;
+    let up = matmul_nt(x, &weights.up, weights.up_bias.as_ref(), SumOrder::Blocked)?;
     let hidden = match activation {
         ExpertActivation::SiluGlu => (silu(&gate)? * up)?,
+        ExpertActivation::ClampedSwiGlu { alpha, limit } => {
+            clamped_swiglu(&gate, &up, alpha, limit)?
+        }
     };
     // [n_rows, hidden]
-    matmul_nt(&hidden, &weights.down, None, SumOrder::Blocked)
+    matmul_nt(
+        &hidden,
+        &weights.down,
+        weights.down_bias.as_ref(),
+        SumOrder::Blocked,
+    )
+}
+
+/// GPT-OSS's gate: each elementary op in f32, rounded to the inputs' dtype after each step
+/// as torch does (a no-op in f32).
+fn clamped_swiglu(
+    gate: &Tensor,
+    up: &Tensor,
+    alpha: f32,
+    limit: f32,
+) -> candle_core::Result<Tensor> {
+    let dtype = gate.dtype();
+    let round = |t: Tensor| -> candle_core::Result<Tensor> {
+        if dtype == DType::F32 {
+            Ok(t)
+        } else {
+            t.to_dtype(dtype)?.to_dtype(DType::F32)
+        }
+    };
+    let limit = limit as f64;
+    let gate = gate.to_dtype(DType::F32)?.minimum(limit)?;
+    let up = up.to_dtype(DType::F32)?.clamp(-limit, limit)?;
+    let scaled = round((&gate * alpha as f64)?)?;
+    let sig = round(candle_nn_sigmoid(&scaled)?)?;
+    let glu = round((gate * sig)?)?;
+    let up1 = round((up + 1.0)?)?;
+    (up1 * glu)?.to_dtype(dtype)
+}
+
+/// `1 / (1 + exp(-x))` in f32.
+fn candle_nn_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
 }
 
 /// `silu(x)` computed in f32 and rounded once to `x`'s dtype, as torch does for bf16/f16
@@ -71,12 +144,28 @@ pub fn expert_ffn_reference(
             .broadcast_mul(&w.unsqueeze(0)?)?
             .sum(D::Minus1)
     };
-    let gate = linear(x, &weights.gate)?;
-    let up = linear(x, &weights.up)?;
+    let add_bias = |y: Tensor, b: &Option<Tensor>| -> candle_core::Result<Tensor> {
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    };
+    let gate = add_bias(linear(x, &weights.gate)?, &weights.gate_bias)?;
+    let up = add_bias(linear(x, &weights.up)?, &weights.up_bias)?;
     let hidden = match activation {
         ExpertActivation::SiluGlu => ((&gate / (gate.neg()?.exp()? + 1.0)?)? * up)?,
+        ExpertActivation::ClampedSwiGlu { alpha, limit } => {
+            let limit = limit as f64;
+            let gate = gate.minimum(limit)?;
+            let up = up.clamp(-limit, limit)?;
+            let sig = ((&gate * -(alpha as f64))?.exp()? + 1.0)?.recip()?;
+            ((up + 1.0)? * (gate * sig)?)?
+        }
     };
-    Ok(linear(&hidden, &weights.down)?)
+    Ok(add_bias(
+        linear(&hidden, &weights.down)?,
+        &weights.down_bias,
+    )?)
 }
 
 #[cfg(test)]
@@ -88,11 +177,11 @@ mod tests {
     fn fast_matches_reference() {
         let dev = Device::Cpu;
         for (n_rows, hidden, inter) in [(1, 16, 8), (7, 64, 48), (33, 24, 40)] {
-            let w = ExpertWeights {
-                gate: Tensor::randn(0f32, 0.3, (inter, hidden), &dev).unwrap(),
-                up: Tensor::randn(0f32, 0.3, (inter, hidden), &dev).unwrap(),
-                down: Tensor::randn(0f32, 0.3, (hidden, inter), &dev).unwrap(),
-            };
+            let w = ExpertWeights::new(
+                Tensor::randn(0f32, 0.3, (inter, hidden), &dev).unwrap(),
+                Tensor::randn(0f32, 0.3, (inter, hidden), &dev).unwrap(),
+                Tensor::randn(0f32, 0.3, (hidden, inter), &dev).unwrap(),
+            );
             let x = Tensor::randn(0f32, 1.0, (n_rows, hidden), &dev).unwrap();
             let fast = expert_ffn(&x, &w, ExpertActivation::SiluGlu).unwrap();
             let slow = expert_ffn_reference(&x, &w, ExpertActivation::SiluGlu).unwrap();
@@ -107,5 +196,48 @@ mod tests {
                 .unwrap();
             assert!(err.to_scalar::<f32>().unwrap() < 1e-4);
         }
+    }
+}
+
+#[cfg(test)]
+mod clamped_swiglu_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Biases and the clamped SwiGLU, with weights large enough that both clamps bite.
+    #[test]
+    fn clamped_swiglu_with_biases_matches_reference() {
+        let dev = Device::Cpu;
+        let (n_rows, hidden, inter) = (9, 32, 24);
+        let w = ExpertWeights {
+            gate_bias: Some(Tensor::randn(0f32, 0.5, inter, &dev).unwrap()),
+            up_bias: Some(Tensor::randn(0f32, 0.5, inter, &dev).unwrap()),
+            down_bias: Some(Tensor::randn(0f32, 0.5, hidden, &dev).unwrap()),
+            ..ExpertWeights::new(
+                Tensor::randn(0f32, 1.5, (inter, hidden), &dev).unwrap(),
+                Tensor::randn(0f32, 1.5, (inter, hidden), &dev).unwrap(),
+                Tensor::randn(0f32, 0.3, (hidden, inter), &dev).unwrap(),
+            )
+        };
+        let x = Tensor::randn(0f32, 1.0, (n_rows, hidden), &dev).unwrap();
+        let act = ExpertActivation::ClampedSwiGlu {
+            alpha: 1.702,
+            limit: 7.0,
+        };
+        let fast = expert_ffn(&x, &w, act).unwrap();
+        let slow = expert_ffn_reference(&x, &w, act).unwrap();
+        let err: f32 = (fast - slow)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(err < 1e-4, "{err}");
+        // Both clamps are exercised.
+        let gate = x.matmul(&w.gate.t().unwrap()).unwrap();
+        let max: f32 = gate.max_all().unwrap().to_scalar().unwrap();
+        assert!(max > 7.0);
     }
 }

@@ -18,5 +18,5 @@ pub use expert_ffn::{expert_ffn, expert_ffn_reference, ExpertActivation, ExpertW
 pub use grouping::ExpertGroups;
 pub use matmul::{matmul_nn, matmul_nt, SumOrder};
 pub use rms_norm::rms_norm;
-pub use routing::{route, route_reference};
+pub use routing::{route, route_reference, route_reference_with_bias, route_with_bias};
 pub use softmax::softmax_last_dim;

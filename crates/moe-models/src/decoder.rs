@@ -15,11 +15,12 @@ use moe_loader::TensorLookup;
 
 use crate::blocks::attention::{Attention, AttentionConfig, SequenceSlot};
 use crate::blocks::linear::Linear;
+use crate::blocks::mla::LatentAttention;
 use crate::blocks::mlp::GatedMlp;
 use crate::blocks::moe::{SharedExpert, SparseMoeBlock};
-use crate::blocks::norm::RmsNorm;
+use crate::blocks::norm::Norm;
 use crate::blocks::rope::RotaryEmbedding;
-use crate::experts::{ExpertLayerLayout, ExpertNames, ExpertSource, ResidentExperts};
+use crate::experts::{ExpertLayerLayout, ExpertLayout, ExpertNames, ExpertSource, ResidentExperts};
 use crate::hparams::{DecoderHParams, LoadOptions};
 use crate::kv_cache::KvCache;
 use crate::summary::ModelSummary;
@@ -62,10 +63,40 @@ pub enum FeedForward {
 
 /// One pre-norm decoder layer.
 pub struct DecoderLayer {
-    attn_norm: RmsNorm,
-    attention: Attention,
-    ffn_norm: RmsNorm,
+    attn_norm: Norm,
+    attention: LayerAttention,
+    ffn_norm: Norm,
     ffn: FeedForward,
+}
+
+/// The attention half of a decoder layer, as [`AttentionConfig::latent`] says.
+pub enum LayerAttention {
+    /// Multi-head (GQA) attention.
+    Standard(Attention),
+    /// Multi-head latent attention (DeepSeek).
+    Latent(LatentAttention),
+}
+
+impl LayerAttention {
+    fn load(lookup: &TensorLookup, config: AttentionConfig) -> Result<Self> {
+        Ok(match config.latent {
+            Some(_) => Self::Latent(LatentAttention::load(lookup, config)?),
+            None => Self::Standard(Attention::load(lookup, config)?),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rope: &RotaryEmbedding,
+        slots: &mut [SequenceSlot<'_>],
+    ) -> Result<Tensor> {
+        match self {
+            Self::Standard(a) => a.forward(x, layer, rope, slots),
+            Self::Latent(a) => a.forward(x, layer, rope, slots),
+        }
+    }
 }
 
 /// A loaded model.
@@ -73,15 +104,17 @@ pub struct DecoderModel {
     hparams: DecoderHParams,
     embed: Tensor,
     layers: Vec<DecoderLayer>,
-    final_norm: RmsNorm,
+    final_norm: Norm,
     lm_head: Linear,
     rope: RotaryEmbedding,
     experts: Arc<dyn ExpertSource>,
     summary: ModelSummary,
+    multipliers: Multipliers,
 }
 
 /// How one layer's feed-forward is built.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per layer, built once at load
 pub enum FfnRecipe {
     /// Dense MLP under `mlp`.
     Dense {
@@ -99,8 +132,12 @@ pub struct MoeRecipe {
     pub block: &'static str,
     /// Per-expert intermediate size.
     pub intermediate: usize,
-    /// Projection names inside each expert.
-    pub names: ExpertNames,
+    /// How the experts are stored under the block (per-expert names or stacked tensors).
+    pub experts: ExpertLayout,
+    /// The router's name and bias.
+    pub router: RouterRecipe,
+    /// Activation inside each routed expert.
+    pub activation: ExpertActivation,
     /// Routing parameters.
     pub routing: RoutingSpec,
     /// Round the routing weights to the activation dtype before they scale the expert outputs
@@ -111,9 +148,32 @@ pub struct MoeRecipe {
     pub shared: Option<SharedExpertRecipe>,
 }
 
+/// Where the router of an MoE block is and whether it has a bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterRecipe {
+    /// Name of the `[n_experts, hidden]` projection inside the block.
+    pub name: &'static str,
+    /// The router adds a `[n_experts]` bias (GPT-OSS).
+    pub bias: bool,
+    /// The router has a `[n_experts]` f32 `{name}.e_score_correction_bias` that shifts the
+    /// choice only (DeepSeek-V3).
+    pub correction_bias: bool,
+}
+
+impl RouterRecipe {
+    /// `gate`, no bias (Mixtral, Qwen-MoE, OLMoE, DeepSeek).
+    pub const GATE: RouterRecipe = RouterRecipe {
+        name: "gate",
+        bias: false,
+        correction_bias: false,
+    };
+}
+
 /// A shared expert inside an MoE block.
 #[derive(Debug, Clone)]
 pub struct SharedExpertRecipe {
+    /// Its prefix inside the block (`shared_expert`, DeepSeek's `shared_experts`).
+    pub name: &'static str,
     /// Intermediate size.
     pub intermediate: usize,
     /// Name of the `[1, hidden]` sigmoid gate, if any.
@@ -135,6 +195,32 @@ pub struct DecoderRecipe {
     pub ffn: Vec<FfnRecipe>,
     /// Family-specific facts `inspect` shows (MLA ranks, sinks, expert groups, ...).
     pub facts: Vec<(&'static str, String)>,
+    /// Per-layer sliding window of the attention (`layer_types`); empty: every layer uses
+    /// `attention` as given.
+    pub layer_windows: Vec<Option<usize>>,
+    /// Multipliers of Granite-style models; [`Multipliers::NONE`] elsewhere.
+    pub multipliers: Multipliers,
+}
+
+/// Scalar multipliers around the decoder stack (Granite); all neutral by default.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Multipliers {
+    /// Embeddings are multiplied by this (`embedding_multiplier`).
+    pub embedding: f64,
+    /// Each sublayer output is multiplied by this before the residual add
+    /// (`residual_multiplier`).
+    pub residual: f64,
+    /// Logits are divided by this (`logits_scaling`).
+    pub logits_divisor: f64,
+}
+
+impl Multipliers {
+    /// No scaling anywhere.
+    pub const NONE: Multipliers = Multipliers {
+        embedding: 1.0,
+        residual: 1.0,
+        logits_divisor: 1.0,
+    };
 }
 
 impl DecoderModel {
@@ -153,11 +239,11 @@ impl DecoderModel {
             if let FfnRecipe::Sparse(moe) = ffn {
                 layouts.push(ExpertLayerLayout {
                     layer,
-                    experts: model.pp(format!("layers.{layer}.{}.experts", moe.block)),
+                    block: model.pp(format!("layers.{layer}.{}", moe.block)),
                     n_experts: moe.routing.n_experts,
                     hidden: h,
                     intermediate: moe.intermediate,
-                    names: moe.names,
+                    layout: moe.experts,
                 });
             }
         }
@@ -179,7 +265,7 @@ impl DecoderModel {
                         None => None,
                         Some(s) => Some(SharedExpert {
                             mlp: GatedMlp::load(
-                                &block.pp("shared_expert"),
+                                &block.pp(s.name),
                                 &ExpertNames::GATE_UP_DOWN_PROJ,
                                 h,
                                 s.intermediate,
@@ -192,27 +278,55 @@ impl DecoderModel {
                     };
                     FeedForward::Sparse(SparseMoeBlock {
                         layer,
-                        router: Linear::load(&block, "gate", h, moe.routing.n_experts, false)?,
+                        router: Linear::load(
+                            &block,
+                            moe.router.name,
+                            h,
+                            moe.routing.n_experts,
+                            moe.router.bias,
+                        )?,
+                        correction_bias: moe
+                            .router
+                            .correction_bias
+                            .then(|| {
+                                block.get_f32(
+                                    &format!("{}.e_score_correction_bias", moe.router.name),
+                                    &[moe.routing.n_experts],
+                                )
+                            })
+                            .transpose()?,
                         routing: moe.routing.clone(),
                         round_weights: moe.round_weights,
                         experts: experts.clone(),
-                        activation: ExpertActivation::SiluGlu,
+                        activation: moe.activation,
                         shared,
                     })
                 }
             };
             layers.push(DecoderLayer {
-                attn_norm: RmsNorm::load(&lw, "input_layernorm", h, hp.rms_norm_eps)?,
-                attention: Attention::load(&lw.pp("self_attn"), recipe.attention.clone())?,
-                ffn_norm: RmsNorm::load(&lw, "post_attention_layernorm", h, hp.rms_norm_eps)?,
+                attn_norm: Norm::load(hp.norm, &lw, "input_layernorm", h, hp.rms_norm_eps)?,
+                attention: LayerAttention::load(&lw.pp("self_attn"), {
+                    let mut attention = recipe.attention.clone();
+                    if let Some(&window) = recipe.layer_windows.get(layer) {
+                        attention.sliding_window = window;
+                    }
+                    attention
+                })?,
+                ffn_norm: Norm::load(
+                    hp.norm,
+                    &lw,
+                    "post_attention_layernorm",
+                    h,
+                    hp.rms_norm_eps,
+                )?,
                 ffn,
             });
         }
-        let final_norm = RmsNorm::load(&model, "norm", h, hp.rms_norm_eps)?;
+        let final_norm = Norm::load(hp.norm, &model, "norm", h, hp.rms_norm_eps)?;
         let lm_head = if hp.tie_word_embeddings && !lookup.contains("lm_head.weight") {
             Linear::from_weight(embed.clone())
         } else {
-            Linear::load(lookup, "lm_head", h, hp.vocab_size, false)?
+            Linear::load(lookup, "lm_head", h, hp.vocab_size, hp.lm_head_bias)?
         };
         let rope = RotaryEmbedding::new(
             &hp.rope,
@@ -237,6 +351,7 @@ impl DecoderModel {
             rope,
             experts,
             summary,
+            multipliers: recipe.multipliers,
         })
     }
 
@@ -306,6 +421,18 @@ impl DecoderModel {
         let ids = Tensor::from_slice(&all_tokens, all_tokens.len(), device)?;
         // [n_tokens, hidden]
         let mut x = self.embed.index_select(&ids, 0)?;
+        let m = self.multipliers;
+        if m.embedding != 1.0 {
+            x = (x * m.embedding)?;
+        }
+        // Granite's `residual + residual_multiplier · sublayer`.
+        let scaled = |t: Tensor| -> candle_core::Result<Tensor> {
+            if m.residual != 1.0 {
+                t * m.residual
+            } else {
+                Ok(t)
+            }
+        };
         // (first row, n rows) of the logits each sequence asked for.
         let mut wanted = Vec::with_capacity(batch.len());
         let mut row_start = 0;
@@ -337,7 +464,7 @@ impl DecoderModel {
                 &self.rope,
                 &mut slots,
             )?;
-            x = (x + attn_out)?;
+            x = (x + scaled(attn_out)?)?;
             let normed = layer.ffn_norm.forward(&x)?;
             let ffn_out = match &layer.ffn {
                 FeedForward::Dense(mlp) => mlp.forward(&normed)?,
@@ -348,7 +475,7 @@ impl DecoderModel {
                         .map(|o| &mut **o as &mut dyn RoutingObserver),
                 )?,
             };
-            x = (x + ffn_out)?;
+            x = (x + scaled(ffn_out)?)?;
         }
         for slot in slots.iter_mut() {
             slot.cache.advance(slot.n_rows);
@@ -360,8 +487,15 @@ impl DecoderModel {
         // [n_wanted_total, vocab]
         let logits = self
             .lm_head
-            .forward(&self.final_norm.forward(&Tensor::cat(&picked, 0)?)?)?
-            .to_dtype(DType::F32)?;
+            .forward(&self.final_norm.forward(&Tensor::cat(&picked, 0)?)?)?;
+        // Divided (not multiplied by the reciprocal), as transformers does.
+        let logits = if m.logits_divisor != 1.0 {
+            let divisor = Tensor::new(m.logits_divisor as f32, device)?.to_dtype(logits.dtype())?;
+            logits.broadcast_div(&divisor)?
+        } else {
+            logits
+        }
+        .to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(wanted.len());
         let mut offset = 0;
         for &(_, n) in &wanted {

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use candle_core::Tensor;
 use moe_core::{Error, ExpertKey, Result};
 use moe_kernels::ExpertWeights;
 use moe_loader::TensorLookup;
@@ -41,11 +42,182 @@ impl ExpertNames {
         hidden: usize,
         intermediate: usize,
     ) -> Result<ExpertWeights> {
-        Ok(ExpertWeights {
-            gate: lookup.get(&format!("{}.weight", self.gate), &[intermediate, hidden])?,
-            up: lookup.get(&format!("{}.weight", self.up), &[intermediate, hidden])?,
-            down: lookup.get(&format!("{}.weight", self.down), &[hidden, intermediate])?,
-        })
+        Ok(ExpertWeights::new(
+            lookup.get(&format!("{}.weight", self.gate), &[intermediate, hidden])?,
+            lookup.get(&format!("{}.weight", self.up), &[intermediate, hidden])?,
+            lookup.get(&format!("{}.weight", self.down), &[hidden, intermediate])?,
+        ))
+    }
+}
+
+/// How a block's routed experts are stored in the checkpoint. Applied once at load: every
+/// layout yields the same per-expert [`ExpertWeights`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertLayout {
+    /// One prefix per expert, `{block}.experts.{e}.{name}.weight` (Mixtral, Qwen, OLMoE).
+    PerExpert(ExpertNames),
+    /// All experts of a layer in a few stacked tensors under the block (GPT-OSS, Granite).
+    Stacked(StackedExperts),
+}
+
+/// How the gate and up projections share the output dimension of a fused tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateUpSplit {
+    /// Gate first half, up second half (Granite `input_linear`).
+    Halves,
+    /// Gate at even, up at odd indices (GPT-OSS `gate_up_proj`).
+    Interleaved,
+}
+
+/// Which way a stacked matrix is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orientation {
+    /// `[n_experts, out, in]`, HF's `nn.Linear` convention (Granite).
+    OutIn,
+    /// `[n_experts, in, out]` (GPT-OSS, whose experts compute `x @ W`).
+    InOut,
+}
+
+/// How stacked tensors are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StackedEncoding {
+    /// Plain float tensors named as given, in this orientation.
+    Dense(Orientation),
+    /// MXFP4: `{name}_blocks` + `{name}_scales`, `[n_experts, out, in]` once dequantized
+    /// (see [`crate::mxfp4`]); dequantized at load.
+    Mxfp4,
+}
+
+/// Names and rules of stacked expert tensors, relative to the MoE block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StackedExperts {
+    /// The fused gate/up matrix (`2 × intermediate` outputs).
+    pub gate_up: &'static str,
+    /// How gate and up are laid out in it.
+    pub split: GateUpSplit,
+    /// `[n_experts, 2 × intermediate]` bias, split like the matrix.
+    pub gate_up_bias: Option<&'static str>,
+    /// The down matrix.
+    pub down: &'static str,
+    /// `[n_experts, hidden]` bias.
+    pub down_bias: Option<&'static str>,
+    /// Storage of the two matrices.
+    pub encoding: StackedEncoding,
+}
+
+impl StackedExperts {
+    /// GPT-OSS in float: `experts.gate_up_proj [E, H, 2I]` (interleaved) +
+    /// `gate_up_proj_bias [E, 2I]`, `experts.down_proj [E, I, H]` + `down_proj_bias [E, H]`.
+    pub const GPT_OSS: StackedExperts = StackedExperts {
+        gate_up: "experts.gate_up_proj",
+        split: GateUpSplit::Interleaved,
+        gate_up_bias: Some("experts.gate_up_proj_bias"),
+        down: "experts.down_proj",
+        down_bias: Some("experts.down_proj_bias"),
+        encoding: StackedEncoding::Dense(Orientation::InOut),
+    };
+    /// GPT-OSS as released: the same tensors in MXFP4 (`*_blocks`/`*_scales`), biases in float.
+    pub const GPT_OSS_MXFP4: StackedExperts = StackedExperts {
+        encoding: StackedEncoding::Mxfp4,
+        ..Self::GPT_OSS
+    };
+    /// Granite-MoE: `input_linear.weight [E, 2I, H]` (gate; up), `output_linear.weight
+    /// [E, H, I]`, no biases.
+    pub const GRANITE: StackedExperts = StackedExperts {
+        gate_up: "input_linear.weight",
+        split: GateUpSplit::Halves,
+        gate_up_bias: None,
+        down: "output_linear.weight",
+        down_bias: None,
+        encoding: StackedEncoding::Dense(Orientation::OutIn),
+    };
+
+    /// Reads the stacked tensors under `block` and cuts them into per-expert weights.
+    pub fn load(
+        &self,
+        block: &TensorLookup,
+        n_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Vec<ExpertWeights>> {
+        let (e, h, i) = (n_experts, hidden, intermediate);
+        // Both matrices as [E, out, in].
+        let (gate_up, down) = match self.encoding {
+            StackedEncoding::Dense(Orientation::OutIn) => (
+                block.get(self.gate_up, &[e, 2 * i, h])?,
+                block.get(self.down, &[e, h, i])?,
+            ),
+            StackedEncoding::Dense(Orientation::InOut) => (
+                block.get(self.gate_up, &[e, h, 2 * i])?.transpose(1, 2)?,
+                block.get(self.down, &[e, i, h])?.transpose(1, 2)?,
+            ),
+            StackedEncoding::Mxfp4 => (
+                crate::mxfp4::load_packed(block, self.gate_up, e, 2 * i, h)?,
+                crate::mxfp4::load_packed(block, self.down, e, h, i)?,
+            ),
+        };
+        let gate_up_bias = self
+            .gate_up_bias
+            .map(|b| block.get(b, &[e, 2 * i]))
+            .transpose()?;
+        let down_bias = self.down_bias.map(|b| block.get(b, &[e, h])).transpose()?;
+        // Splits the leading `2I` dimension of `t` ([2I, ..]) into gate and up.
+        let split = |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+            let rest = &t.dims()[1..];
+            Ok(match self.split {
+                GateUpSplit::Halves => (t.narrow(0, 0, i)?, t.narrow(0, i, i)?),
+                GateUpSplit::Interleaved => {
+                    let mut shape = vec![i, 2];
+                    shape.extend_from_slice(rest);
+                    let pairs = t.reshape(shape)?;
+                    (
+                        pairs.narrow(1, 0, 1)?.squeeze(1)?,
+                        pairs.narrow(1, 1, 1)?.squeeze(1)?,
+                    )
+                }
+            })
+        };
+        (0..e)
+            .map(|x| {
+                let (gate, up) = split(&gate_up.get(x)?.contiguous()?)?;
+                let (gate_bias, up_bias) = match &gate_up_bias {
+                    Some(b) => {
+                        let (g, u) = split(&b.get(x)?)?;
+                        (Some(g.contiguous()?), Some(u.contiguous()?))
+                    }
+                    None => (None, None),
+                };
+                Ok(ExpertWeights {
+                    gate: gate.contiguous()?,
+                    up: up.contiguous()?,
+                    down: down.get(x)?.contiguous()?,
+                    gate_bias,
+                    up_bias,
+                    down_bias: down_bias
+                        .as_ref()
+                        .map(|b| b.get(x)?.contiguous())
+                        .transpose()?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl ExpertLayout {
+    /// Every expert of one layer, read under the MoE block `block`.
+    pub fn load(
+        &self,
+        block: &TensorLookup,
+        n_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Vec<ExpertWeights>> {
+        match self {
+            ExpertLayout::PerExpert(names) => (0..n_experts)
+                .map(|e| names.load(&block.pp("experts").pp(e), hidden, intermediate))
+                .collect(),
+            ExpertLayout::Stacked(stacked) => stacked.load(block, n_experts, hidden, intermediate),
+        }
     }
 }
 
@@ -73,16 +245,16 @@ pub struct ResidentExperts {
 pub struct ExpertLayerLayout {
     /// Decoder layer index.
     pub layer: usize,
-    /// View whose prefix is the layer's experts container (`…mlp.experts`).
-    pub experts: TensorLookup,
+    /// View whose prefix is the layer's MoE block (`…mlp`, `…block_sparse_moe`).
+    pub block: TensorLookup,
     /// Number of experts.
     pub n_experts: usize,
     /// Model width.
     pub hidden: usize,
     /// Expert intermediate size.
     pub intermediate: usize,
-    /// Names of the projections.
-    pub names: ExpertNames,
+    /// How the experts are stored.
+    pub layout: ExpertLayout,
 }
 
 impl ResidentExperts {
@@ -90,14 +262,17 @@ impl ResidentExperts {
     pub fn load(n_layers: usize, layouts: &[ExpertLayerLayout]) -> Result<Self> {
         let mut layers = vec![Vec::new(); n_layers];
         for layout in layouts {
-            layers[layout.layer] = (0..layout.n_experts)
-                .map(|e| {
-                    layout
-                        .names
-                        .load(&layout.experts.pp(e), layout.hidden, layout.intermediate)
-                        .map(Arc::new)
-                })
-                .collect::<Result<Vec<_>>>()?;
+            layers[layout.layer] = layout
+                .layout
+                .load(
+                    &layout.block,
+                    layout.n_experts,
+                    layout.hidden,
+                    layout.intermediate,
+                )?
+                .into_iter()
+                .map(Arc::new)
+                .collect();
         }
         Ok(Self { layers })
     }
@@ -116,5 +291,152 @@ impl ExpertSource for ResidentExperts {
 
     fn resident_bytes(&self) -> usize {
         self.layers.iter().flatten().map(|w| w.n_bytes()).sum()
+    }
+}
+
+#[cfg(test)]
+mod stacked_tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device, Tensor};
+    use moe_loader::{Checkpoint, TensorLookup};
+
+    use super::*;
+
+    fn lookup_of(tensors: HashMap<String, Tensor>, tag: &str) -> TensorLookup {
+        let dir = std::env::temp_dir().join(format!("moe-models-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let checkpoint = Checkpoint::open_dir(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        TensorLookup::new(Arc::new(checkpoint), DType::F32, Device::Cpu)
+    }
+
+    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn same(a: &Tensor, b: &Tensor) {
+        assert_eq!(a.dims(), b.dims());
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+    }
+
+    /// An MXFP4 GPT-OSS layer loads to exactly the experts of the same values stored as
+    /// transformers' dequantized float tensors (`[E, in, out]`, gate/up interleaved): packed
+    /// tensors are `[E, out, in]`, and row 2r of gate_up is gate row r, row 2r + 1 up row r.
+    #[test]
+    fn mxfp4_gpt_oss_matches_float_layout() {
+        let (e, h, i) = (2usize, 32usize, 32usize);
+        let dev = Device::Cpu;
+        let gu_blocks = bytes(e * 2 * i * 16, 1);
+        // Scales near 127 keep every value finite and exact in f32.
+        let gu_scales: Vec<u8> = bytes(e * 2 * i, 2).iter().map(|b| 120 + b % 16).collect();
+        let dn_blocks = bytes(e * h * 16, 3);
+        let dn_scales: Vec<u8> = bytes(e * h, 4).iter().map(|b| 120 + b % 16).collect();
+        let gu_bias = Tensor::randn(0f32, 1.0, (e, 2 * i), &dev).unwrap();
+        let dn_bias = Tensor::randn(0f32, 1.0, (e, h), &dev).unwrap();
+        let u8s = |v: &[u8], shape: &[usize]| Tensor::from_slice(v, shape, &dev).unwrap();
+        let p = "mlp.experts";
+        let packed = HashMap::from([
+            (
+                format!("{p}.gate_up_proj_blocks"),
+                u8s(&gu_blocks, &[e, 2 * i, 1, 16]),
+            ),
+            (
+                format!("{p}.gate_up_proj_scales"),
+                u8s(&gu_scales, &[e, 2 * i, 1]),
+            ),
+            (
+                format!("{p}.down_proj_blocks"),
+                u8s(&dn_blocks, &[e, h, 1, 16]),
+            ),
+            (format!("{p}.down_proj_scales"), u8s(&dn_scales, &[e, h, 1])),
+            (format!("{p}.gate_up_proj_bias"), gu_bias.clone()),
+            (format!("{p}.down_proj_bias"), dn_bias.clone()),
+        ]);
+        // The float reference: dequantize by definition, then transpose to [E, in, out].
+        let gu = Tensor::from_vec(
+            crate::mxfp4::dequantize(&gu_blocks, &gu_scales),
+            (e, 2 * i, h),
+            &dev,
+        )
+        .unwrap();
+        let dn = Tensor::from_vec(
+            crate::mxfp4::dequantize(&dn_blocks, &dn_scales),
+            (e, h, i),
+            &dev,
+        )
+        .unwrap();
+        let dense = HashMap::from([
+            (
+                format!("{p}.gate_up_proj"),
+                gu.transpose(1, 2).unwrap().contiguous().unwrap(),
+            ),
+            (
+                format!("{p}.down_proj"),
+                dn.transpose(1, 2).unwrap().contiguous().unwrap(),
+            ),
+            (format!("{p}.gate_up_proj_bias"), gu_bias.clone()),
+            (format!("{p}.down_proj_bias"), dn_bias.clone()),
+        ]);
+        let from_packed = StackedExperts::GPT_OSS_MXFP4
+            .load(&lookup_of(packed, "mxfp4").pp("mlp"), e, h, i)
+            .unwrap();
+        let from_dense = StackedExperts::GPT_OSS
+            .load(&lookup_of(dense, "dense").pp("mlp"), e, h, i)
+            .unwrap();
+        for x in 0..e {
+            let (a, b) = (&from_packed[x], &from_dense[x]);
+            same(&a.gate, &b.gate);
+            same(&a.up, &b.up);
+            same(&a.down, &b.down);
+            same(a.gate_bias.as_ref().unwrap(), b.gate_bias.as_ref().unwrap());
+            same(a.up_bias.as_ref().unwrap(), b.up_bias.as_ref().unwrap());
+            same(a.down_bias.as_ref().unwrap(), b.down_bias.as_ref().unwrap());
+            // Interleaving: gate row r is packed row 2r, up row r is packed row 2r + 1.
+            let rows = gu.get(x).unwrap();
+            for r in [0, 5, i - 1] {
+                same(&a.gate.get(r).unwrap(), &rows.get(2 * r).unwrap());
+                same(&a.up.get(r).unwrap(), &rows.get(2 * r + 1).unwrap());
+            }
+            same(&a.down, &dn.get(x).unwrap());
+            let bias: Vec<f32> = gu_bias.get(x).unwrap().to_vec1().unwrap();
+            let gate_bias: Vec<f32> = a.gate_bias.as_ref().unwrap().to_vec1().unwrap();
+            assert_eq!(gate_bias[3], bias[6]);
+        }
+    }
+
+    /// Granite's halves: gate is the first `I` rows, up the last.
+    #[test]
+    fn granite_halves() {
+        let (e, h, i) = (3usize, 8usize, 4usize);
+        let dev = Device::Cpu;
+        let gu = Tensor::randn(0f32, 1.0, (e, 2 * i, h), &dev).unwrap();
+        let dn = Tensor::randn(0f32, 1.0, (e, h, i), &dev).unwrap();
+        let tensors = HashMap::from([
+            ("b.input_linear.weight".to_string(), gu.clone()),
+            ("b.output_linear.weight".to_string(), dn.clone()),
+        ]);
+        let experts = ExpertLayout::Stacked(StackedExperts::GRANITE)
+            .load(&lookup_of(tensors, "granite").pp("b"), e, h, i)
+            .unwrap();
+        for (x, w) in experts.iter().enumerate() {
+            same(&w.gate, &gu.get(x).unwrap().narrow(0, 0, i).unwrap());
+            same(&w.up, &gu.get(x).unwrap().narrow(0, i, i).unwrap());
+            same(&w.down, &dn.get(x).unwrap());
+            assert!(w.gate_bias.is_none() && w.down_bias.is_none());
+        }
     }
 }

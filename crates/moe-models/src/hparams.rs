@@ -5,6 +5,7 @@ use candle_core::{DType, Device};
 use moe_core::Result;
 use moe_loader::ConfigFile;
 
+use crate::blocks::norm::NormKind;
 use crate::blocks::rope::{RopeConfig, RopeScaling};
 
 /// What the loader was asked for, beyond the checkpoint itself.
@@ -46,12 +47,35 @@ pub struct DecoderHParams {
     pub tie_word_embeddings: bool,
     /// Rotary embedding parameters.
     pub rope: RopeConfig,
+    /// Kind of the input, post-attention and final norms (RMSNorm unless the architecture
+    /// file says otherwise); `rms_norm_eps` is their epsilon either way.
+    pub norm: NormKind,
+    /// `lm_head` has a bias (Phi-MoE's `lm_head_bias`; false unless the architecture file
+    /// sets it).
+    pub lm_head_bias: bool,
 }
 
 impl DecoderHParams {
     /// Reads and validates the common fields; `default_tie` is the architecture's default for
     /// `tie_word_embeddings`.
     pub fn read(cfg: &ConfigFile, default_tie: bool) -> Result<Self> {
+        Self::read_dims(cfg, default_tie, None)
+    }
+
+    /// Like [`read`](Self::read), for attention whose head size is not the config's `head_dim`
+    /// (DeepSeek's MLA, whose `head_dim` field is the rope part): `head_dim` is set to the given
+    /// one and the rotary tables cover `rotary_dim` dimensions.
+    pub fn read_with_head_dims(
+        cfg: &ConfigFile,
+        default_tie: bool,
+        head_dim: usize,
+        rotary_dim: usize,
+    ) -> Result<Self> {
+        Self::read_dims(cfg, default_tie, Some((head_dim, rotary_dim)))
+    }
+
+    /// `dims`: explicit (head, rotary) dimensions instead of the config's `head_dim`.
+    fn read_dims(cfg: &ConfigFile, default_tie: bool, dims: Option<(usize, usize)>) -> Result<Self> {
         let hidden_size = cfg.usize("hidden_size")?;
         let n_heads = cfg.usize("num_attention_heads")?;
         if n_heads == 0 {
@@ -64,7 +88,7 @@ impl DecoderHParams {
                 format!("{n_kv_heads} does not divide num_attention_heads {n_heads}"),
             ));
         }
-        let head_dim = match cfg.opt_usize("head_dim")? {
+        let head_dim = match dims.map(|d| d.0).or(cfg.opt_usize("head_dim")?) {
             Some(d) => d,
             None => {
                 if hidden_size % n_heads != 0 {
@@ -112,7 +136,9 @@ impl DecoderHParams {
             rms_norm_eps: cfg.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             max_position_embeddings,
             tie_word_embeddings: cfg.bool_or("tie_word_embeddings", default_tie)?,
-            rope: RopeConfig::read(cfg, head_dim, max_position_embeddings)?,
+            rope: RopeConfig::read(cfg, dims.map_or(head_dim, |d| d.1), max_position_embeddings)?,
+            norm: NormKind::Rms,
+            lm_head_bias: false,
         };
         if !(hp.rms_norm_eps.is_finite() && hp.rms_norm_eps > 0.0) {
             return Err(cfg.error(

@@ -13,6 +13,7 @@ pub mod experts;
 pub mod hparams;
 pub mod kv_cache;
 pub mod load;
+pub mod mxfp4;
 pub mod summary;
 
 pub use arch::{find_architecture, supported_architectures, Architecture, ARCHITECTURES};

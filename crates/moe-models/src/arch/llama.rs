@@ -5,7 +5,7 @@ use moe_core::Result;
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{DecoderRecipe, FfnRecipe};
+use crate::decoder::{DecoderRecipe, FfnRecipe, Multipliers};
 use crate::hparams::DecoderHParams;
 
 pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
@@ -24,6 +24,8 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         ffn: vec![dense_ffn(cfg)?; hparams.n_layers],
         hparams,
         facts: Vec::new(),
+        layer_windows: Vec::new(),
+        multipliers: Multipliers::NONE,
     })
 }
 

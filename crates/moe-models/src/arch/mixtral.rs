@@ -2,11 +2,12 @@
 //! softmax top-k with renormalisation, plain GQA attention.
 
 use moe_core::{Result, RoutingSpec, ScoringFunction};
+use moe_kernels::ExpertActivation;
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe};
-use crate::experts::ExpertNames;
+use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe, Multipliers, RouterRecipe};
+use crate::experts::{ExpertLayout, ExpertNames};
 use crate::hparams::{read_expert_counts, reject_sliding_window, DecoderHParams};
 
 pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
@@ -16,7 +17,9 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
     let moe = MoeRecipe {
         block: "block_sparse_moe",
         intermediate: cfg.usize("intermediate_size")?,
-        names: ExpertNames::MIXTRAL_W1_W3_W2,
+        experts: ExpertLayout::PerExpert(ExpertNames::MIXTRAL_W1_W3_W2),
+        router: RouterRecipe::GATE,
+        activation: ExpertActivation::SiluGlu,
         routing: RoutingSpec {
             n_experts,
             top_k,
@@ -33,5 +36,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         ffn: vec![FfnRecipe::Sparse(moe); hparams.n_layers],
         hparams,
         facts: Vec::new(),
+        layer_windows: Vec::new(),
+        multipliers: Multipliers::NONE,
     })
 }

@@ -2,9 +2,15 @@
 //! file that reads its config fields and fills a [`DecoderRecipe`]. Adding an architecture
 //! costs one file, one row here and one fixture.
 
+mod deepseek;
+mod deepseek_v2;
+mod deepseek_v3;
+mod gpt_oss;
+mod granitemoe;
 mod llama;
 mod mixtral;
 mod olmoe;
+mod phimoe;
 mod qwen2_moe;
 mod qwen3;
 mod qwen3_moe;
@@ -55,6 +61,31 @@ pub const ARCHITECTURES: &[Architecture] = &[
         hf_class: "Qwen3ForCausalLM",
         recipe: qwen3::recipe,
         verified_by: &["qwen3"],
+    },
+    Architecture {
+        hf_class: "GptOssForCausalLM",
+        recipe: gpt_oss::recipe,
+        verified_by: &["gpt_oss"],
+    },
+    Architecture {
+        hf_class: "GraniteMoeForCausalLM",
+        recipe: granitemoe::recipe,
+        verified_by: &["granitemoe"],
+    },
+    Architecture {
+        hf_class: "PhimoeForCausalLM",
+        recipe: phimoe::recipe,
+        verified_by: &["phimoe"],
+    },
+    Architecture {
+        hf_class: "DeepseekV2ForCausalLM",
+        recipe: deepseek_v2::recipe,
+        verified_by: &["deepseek_v2", "deepseek_v2-lite"],
+    },
+    Architecture {
+        hf_class: "DeepseekV3ForCausalLM",
+        recipe: deepseek_v3::recipe,
+        verified_by: &["deepseek_v3", "deepseek_v3-nonorm"],
     },
 ];
 
@@ -129,5 +160,8 @@ pub(crate) fn standard_attention(
         norm_eps: hp.rms_norm_eps,
         clip_qkv,
         softmax_scale: 1.0 / (hp.head_dim as f64).sqrt(),
+        sinks: false,
+        sliding_window: None,
+        latent: None,
     }
 }

@@ -2,11 +2,12 @@
 //! sparse with `intermediate_size` experts, `norm_topk_prob`.
 
 use moe_core::{Result, RoutingSpec, ScoringFunction};
+use moe_kernels::ExpertActivation;
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe};
-use crate::experts::ExpertNames;
+use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe, Multipliers, RouterRecipe};
+use crate::experts::{ExpertLayout, ExpertNames};
 use crate::hparams::{read_expert_counts, DecoderHParams};
 
 pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
@@ -15,7 +16,9 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
     let moe = MoeRecipe {
         block: "mlp",
         intermediate: cfg.usize("intermediate_size")?,
-        names: ExpertNames::GATE_UP_DOWN_PROJ,
+        experts: ExpertLayout::PerExpert(ExpertNames::GATE_UP_DOWN_PROJ),
+        router: RouterRecipe::GATE,
+        activation: ExpertActivation::SiluGlu,
         routing: RoutingSpec {
             n_experts,
             top_k,
@@ -36,5 +39,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         ffn: vec![FfnRecipe::Sparse(moe); hparams.n_layers],
         hparams,
         facts: Vec::new(),
+        layer_windows: Vec::new(),
+        multipliers: Multipliers::NONE,
     })
 }

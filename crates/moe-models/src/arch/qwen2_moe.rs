@@ -2,11 +2,14 @@
 //! sparse layers chosen by `decoder_sparse_step` and `mlp_only_layers`.
 
 use moe_core::{Result, RoutingSpec, ScoringFunction};
+use moe_kernels::ExpertActivation;
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe, SharedExpertRecipe};
-use crate::experts::ExpertNames;
+use crate::decoder::{
+    DecoderRecipe, FfnRecipe, MoeRecipe, Multipliers, RouterRecipe, SharedExpertRecipe,
+};
+use crate::experts::{ExpertLayout, ExpertNames};
 use crate::hparams::{read_expert_counts, reject_sliding_window, DecoderHParams};
 
 pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
@@ -24,7 +27,9 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
     let moe = MoeRecipe {
         block: "mlp",
         intermediate: cfg.usize("moe_intermediate_size")?,
-        names: ExpertNames::GATE_UP_DOWN_PROJ,
+        experts: ExpertLayout::PerExpert(ExpertNames::GATE_UP_DOWN_PROJ),
+        router: RouterRecipe::GATE,
+        activation: ExpertActivation::SiluGlu,
         routing: RoutingSpec {
             n_experts,
             top_k,
@@ -34,6 +39,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         },
         round_weights: true,
         shared: (shared_size > 0).then_some(SharedExpertRecipe {
+            name: "shared_expert",
             intermediate: shared_size,
             gate: Some("shared_expert_gate"),
         }),
@@ -62,5 +68,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         ffn,
         hparams,
         facts: Vec::new(),
+        layer_windows: Vec::new(),
+        multipliers: Multipliers::NONE,
     })
 }

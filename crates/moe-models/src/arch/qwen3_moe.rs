@@ -2,11 +2,12 @@
 //! layers chosen by `decoder_sparse_step` and `mlp_only_layers`.
 
 use moe_core::{Result, RoutingSpec, ScoringFunction};
+use moe_kernels::ExpertActivation;
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe};
-use crate::experts::ExpertNames;
+use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe, Multipliers, RouterRecipe};
+use crate::experts::{ExpertLayout, ExpertNames};
 use crate::hparams::{read_expert_counts, reject_sliding_window, DecoderHParams};
 
 pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
@@ -16,7 +17,9 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
     let moe = MoeRecipe {
         block: "mlp",
         intermediate: cfg.usize("moe_intermediate_size")?,
-        names: ExpertNames::GATE_UP_DOWN_PROJ,
+        experts: ExpertLayout::PerExpert(ExpertNames::GATE_UP_DOWN_PROJ),
+        router: RouterRecipe::GATE,
+        activation: ExpertActivation::SiluGlu,
         routing: RoutingSpec {
             n_experts,
             top_k,
@@ -49,5 +52,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         ffn,
         hparams,
         facts: Vec::new(),
+        layer_windows: Vec::new(),
+        multipliers: Multipliers::NONE,
     })
 }

@@ -46,6 +46,15 @@ pub struct AttentionConfig {
     pub clip_qkv: Option<f64>,
     /// Multiplier of `q·k` (1/√head_dim unless the architecture says otherwise).
     pub softmax_scale: f64,
+    /// Per-head learned sink logits (`sinks`, `[n_heads]`): each softmax runs over
+    /// `[scores, sink]` and the sink's column is dropped (GPT-OSS).
+    pub sinks: bool,
+    /// Sliding window: a query at position q sees keys k with `q - window < k ≤ q`.
+    pub sliding_window: Option<usize>,
+    /// Multi-head latent attention (DeepSeek): the layer is a
+    /// [`LatentAttention`](crate::blocks::mla::LatentAttention) of this shape, `head_dim` is
+    /// the query/key head size and `qkv_bias` the bias of the two down-projections.
+    pub latent: Option<crate::blocks::mla::LatentConfig>,
 }
 
 /// One sequence's slice of a packed batch during a forward pass.
@@ -70,6 +79,8 @@ pub struct Attention {
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// `[n_kv_heads, group, 1]` f32 sink logits, when the config has sinks.
+    sinks: Option<Tensor>,
 }
 
 impl Attention {
@@ -97,6 +108,17 @@ impl Attention {
             o_proj: Linear::load(lookup, "o_proj", q_out, c.hidden_size, c.o_bias)?,
             q_norm: norm("q_norm", q_norm_size)?,
             k_norm: norm("k_norm", k_norm_size)?,
+            sinks: if c.sinks {
+                // Rounded to the compute dtype like the other parameters, used in f32.
+                Some(
+                    lookup
+                        .get("sinks", &[c.n_heads])?
+                        .to_dtype(DType::F32)?
+                        .reshape((c.n_kv_heads, c.n_heads / c.n_kv_heads, 1))?,
+                )
+            } else {
+                None
+            },
             config,
         })
     }
@@ -154,7 +176,20 @@ impl Attention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, n_past: usize) -> Result<Tensor> {
         let c = &self.config;
         let (_, n_new, d) = q.dims3()?;
-        let n_keys = k.dim(1)?;
+        // Keys no query of this call can see under the sliding window are left out.
+        let first_key = match c.sliding_window {
+            Some(window) => (n_past + 1).saturating_sub(window),
+            None => 0,
+        };
+        let n_keys = k.dim(1)? - first_key;
+        let (k, v) = if first_key > 0 {
+            (
+                &k.narrow(1, first_key, n_keys)?.contiguous()?,
+                &v.narrow(1, first_key, n_keys)?.contiguous()?,
+            )
+        } else {
+            (k, v)
+        };
         let group = c.n_heads / c.n_kv_heads;
         // Query heads that share a kv head are stacked as rows: [n_kv, group * n_new, d].
         let q = q.reshape((c.n_kv_heads, group * n_new, d))?;
@@ -165,8 +200,16 @@ impl Attention {
         let scores = (matmul_nt(&q, k, None, qk_order)?.to_dtype(DType::F32)? * c.softmax_scale)?
             .to_dtype(q.dtype())?
             .to_dtype(DType::F32)?;
-        let scores = if n_new > 1 {
-            let mask = causal_mask(n_new, n_keys, n_past, q.device())?;
+        let needs_mask = n_new > 1 || c.sliding_window.is_some_and(|w| n_keys > w);
+        let scores = if needs_mask {
+            let mask = causal_mask(
+                n_new,
+                n_keys,
+                n_past,
+                first_key,
+                c.sliding_window,
+                q.device(),
+            )?;
             scores
                 .reshape((c.n_kv_heads, group, n_new, n_keys))?
                 .broadcast_add(&mask)?
@@ -174,7 +217,19 @@ impl Attention {
         } else {
             scores
         };
-        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = match &self.sinks {
+            None => softmax_last_dim(&scores)?,
+            Some(sinks) => {
+                // [n_kv, group * n_new, n_keys + 1]: each head's sink as an extra column.
+                let rows = (c.n_kv_heads, group * n_new, 1);
+                let sink_col = sinks
+                    .broadcast_as((c.n_kv_heads, group, n_new))?
+                    .reshape(rows)?;
+                let combined = Tensor::cat(&[&scores, &sink_col], 2)?;
+                softmax_last_dim(&combined)?.narrow(2, 0, n_keys)?
+            }
+        }
+        .to_dtype(v.dtype())?;
         let pv_order = SumOrder::batched(n_new, d, n_keys, SumOrder::Interleaved4);
         // [n_kv, group * n_new, d] -> [n_heads, n_new, d] -> [n_new, n_heads * d]
         let out = matmul_nn(&probs, v, pv_order)?
@@ -184,17 +239,21 @@ impl Attention {
     }
 }
 
-/// `[n_new, n_keys]` f32: 0 where query i (at position n_past + i) may see key j, -inf elsewhere.
+/// `[n_new, n_keys]` f32: 0 where query i (at position n_past + i) may see key j (at position
+/// first_key + j), -inf elsewhere: causal, and within `window` when there is one.
 fn causal_mask(
     n_new: usize,
     n_keys: usize,
     n_past: usize,
+    first_key: usize,
+    window: Option<usize>,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
     let mask: Vec<f32> = (0..n_new)
         .flat_map(|i| {
             (0..n_keys).map(move |j| {
-                if j <= n_past + i {
+                let (q_pos, k_pos) = (n_past + i, first_key + j);
+                if k_pos <= q_pos && window.is_none_or(|w| k_pos + w > q_pos) {
                     0.0
                 } else {
                     f32::NEG_INFINITY

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod linear;
+pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod norm;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use moe_core::{ExpertKey, Result, Routing, RoutingSpec};
-use moe_kernels::{combine, expert_ffn, route, ExpertActivation, ExpertGroups};
+use moe_kernels::{combine, expert_ffn, route_with_bias, ExpertActivation, ExpertGroups};
 
 use crate::blocks::linear::Linear;
 use crate::blocks::mlp::GatedMlp;
@@ -37,6 +37,9 @@ pub struct SparseMoeBlock {
     pub layer: usize,
     /// `[n_experts, hidden]` router.
     pub router: Linear,
+    /// `[n_experts]` f32 bias added to the selection scores for the choice only (DeepSeek-V3's
+    /// `e_score_correction_bias`).
+    pub correction_bias: Option<Tensor>,
     /// Routing parameters.
     pub routing: RoutingSpec,
     /// Round the routing weights to the activation dtype before applying them.
@@ -59,7 +62,7 @@ impl SparseMoeBlock {
         let (n_tokens, hidden) = x.dims2()?;
         // [n_tokens, n_experts]
         let logits = self.router.forward(x)?;
-        let mut routing = route(&logits, &self.routing)?;
+        let mut routing = route_with_bias(&logits, self.correction_bias.as_ref(), &self.routing)?;
         if self.round_weights {
             routing.weights = routing.weights.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
         }
