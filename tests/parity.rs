@@ -134,8 +134,12 @@ fn check_fixture(name: &str, tol: Tolerance) {
                 );
                 let our_w: Vec<f32> = pairs.iter().map(|p| p.1).collect();
                 let w_err = max_abs_diff(&our_w, ref_w);
+                // 1e-5, relative for weights above 1: DeepSeek-V2's routed_scaling_factor 16
+                // multiplies the softmax's rounding noise by 16 (transformers' own
+                // single-vs-batched routing weights differ by 4.3e-6 on deepseek_v2).
+                let w_tol = 1e-5 * ref_w.iter().fold(1.0f32, |m, w| m.max(w.abs()));
                 assert!(
-                    w_err <= 1e-5,
+                    w_err <= w_tol,
                     "{name} prompt {p} layer {layer} token {t}: weights differ by {w_err}"
                 );
                 checked += 1;

@@ -78,9 +78,13 @@ pub enum LayerAttention {
 }
 
 impl LayerAttention {
-    fn load(lookup: &TensorLookup, config: AttentionConfig) -> Result<Self> {
+    fn load(
+        lookup: &TensorLookup,
+        config: AttentionConfig,
+        f32_rope: Option<&RotaryEmbedding>,
+    ) -> Result<Self> {
         Ok(match config.latent {
-            Some(_) => Self::Latent(LatentAttention::load(lookup, config)?),
+            Some(_) => Self::Latent(LatentAttention::load(lookup, config, f32_rope)?),
             None => Self::Standard(Attention::load(lookup, config)?),
         })
     }
@@ -158,6 +162,9 @@ pub struct RouterRecipe {
     /// The router has a `[n_experts]` f32 `{name}.e_score_correction_bias` that shifts the
     /// choice only (DeepSeek-V3).
     pub correction_bias: bool,
+    /// The router multiplies in f32 whatever the compute dtype (transformers' DeepSeek routers:
+    /// `F.linear(x.float(), weight.float())`); no bias.
+    pub f32_logits: bool,
 }
 
 impl RouterRecipe {
@@ -166,6 +173,7 @@ impl RouterRecipe {
         name: "gate",
         bias: false,
         correction_bias: false,
+        f32_logits: false,
     };
 }
 
@@ -223,6 +231,19 @@ impl Multipliers {
     };
 }
 
+/// The router of an MoE block, in f32 when the recipe says so.
+fn load_router(block: &TensorLookup, moe: &MoeRecipe, hidden: usize) -> Result<Linear> {
+    let r = &moe.router;
+    let router = Linear::load(block, r.name, hidden, moe.routing.n_experts, r.bias)?;
+    match (r.f32_logits, r.bias) {
+        (false, _) => Ok(router),
+        (true, false) => Ok(Linear::from_weight(router.weight().to_dtype(DType::F32)?)),
+        (true, true) => Err(Error::InvalidRequest(
+            "an f32 router with a bias is not supported".into(),
+        )),
+    }
+}
+
 impl DecoderModel {
     /// Builds the model from a recipe, reading every tensor through `lookup`.
     pub fn build(
@@ -249,6 +270,18 @@ impl DecoderModel {
         }
         let experts: Arc<dyn ExpertSource> =
             Arc::new(ResidentExperts::load(hp.n_layers, &layouts)?);
+        // f32 rotary tables for latent attention that rotates in f32 (DeepSeek-V2).
+        let f32_rope = match &recipe.attention.latent {
+            Some(latent) if latent.rotates_in_f32() && options.dtype != DType::F32 => {
+                Some(RotaryEmbedding::new(
+                    &hp.rope,
+                    hp.max_position_embeddings,
+                    DType::F32,
+                    &options.device,
+                )?)
+            }
+            _ => None,
+        };
         let mut layers = Vec::with_capacity(hp.n_layers);
         for (layer, ffn) in recipe.ffn.iter().enumerate() {
             let lw = model.pp(format!("layers.{layer}"));
@@ -278,13 +311,8 @@ impl DecoderModel {
                     };
                     FeedForward::Sparse(SparseMoeBlock {
                         layer,
-                        router: Linear::load(
-                            &block,
-                            moe.router.name,
-                            h,
-                            moe.routing.n_experts,
-                            moe.router.bias,
-                        )?,
+                        router: load_router(&block, moe, h)?,
+                        f32_logits: moe.router.f32_logits,
                         correction_bias: moe
                             .router
                             .correction_bias
@@ -305,20 +333,18 @@ impl DecoderModel {
             };
             layers.push(DecoderLayer {
                 attn_norm: Norm::load(hp.norm, &lw, "input_layernorm", h, hp.rms_norm_eps)?,
-                attention: LayerAttention::load(&lw.pp("self_attn"), {
-                    let mut attention = recipe.attention.clone();
-                    if let Some(&window) = recipe.layer_windows.get(layer) {
-                        attention.sliding_window = window;
-                    }
-                    attention
-                })?,
-                ffn_norm: Norm::load(
-                    hp.norm,
-                    &lw,
-                    "post_attention_layernorm",
-                    h,
-                    hp.rms_norm_eps,
+                attention: LayerAttention::load(
+                    &lw.pp("self_attn"),
+                    {
+                        let mut attention = recipe.attention.clone();
+                        if let Some(&window) = recipe.layer_windows.get(layer) {
+                            attention.sliding_window = window;
+                        }
+                        attention
+                    },
+                    f32_rope.as_ref(),
                 )?,
+                ffn_norm: Norm::load(hp.norm, &lw, "post_attention_layernorm", h, hp.rms_norm_eps)?,
                 ffn,
             });
         }

@@ -75,7 +75,11 @@ impl DecoderHParams {
     }
 
     /// `dims`: explicit (head, rotary) dimensions instead of the config's `head_dim`.
-    fn read_dims(cfg: &ConfigFile, default_tie: bool, dims: Option<(usize, usize)>) -> Result<Self> {
+    fn read_dims(
+        cfg: &ConfigFile,
+        default_tie: bool,
+        dims: Option<(usize, usize)>,
+    ) -> Result<Self> {
         let hidden_size = cfg.usize("hidden_size")?;
         let n_heads = cfg.usize("num_attention_heads")?;
         if n_heads == 0 {

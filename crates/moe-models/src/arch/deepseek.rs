@@ -45,7 +45,7 @@ pub(crate) fn group_limit(
 ) -> Result<Option<GroupLimit>> {
     let n_group = cfg.opt_usize("n_group")?.unwrap_or(defaults.0);
     let topk_group = cfg.opt_usize("topk_group")?.unwrap_or(defaults.1);
-    if n_group == 0 || n_experts % n_group != 0 {
+    if n_group == 0 || !n_experts.is_multiple_of(n_group) {
         return Err(cfg.error(
             "n_group",
             format!("{n_group} does not divide n_routed_experts {n_experts}"),
@@ -57,6 +57,12 @@ pub(crate) fn group_limit(
             format!("{topk_group} must be between 1 and n_group {n_group}"),
         ));
     }
+    if group_score == GroupScore::SumTop2 && topk_group < n_group && n_experts / n_group < 2 {
+        return Err(cfg.error(
+            "n_group",
+            format!("{n_group} groups of {n_experts} experts leave fewer than the 2 per group a group score needs"),
+        ));
+    }
     Ok((topk_group < n_group).then_some(GroupLimit {
         n_group,
         topk_group,
@@ -66,7 +72,10 @@ pub(crate) fn group_limit(
 
 /// `n_routed_experts` and `num_experts_per_tok`.
 pub(crate) fn expert_counts(cfg: &ConfigFile) -> Result<(usize, usize)> {
-    read_expert_counts(cfg, &["n_routed_experts", "num_local_experts", "num_experts"])
+    read_expert_counts(
+        cfg,
+        &["n_routed_experts", "num_local_experts", "num_experts"],
+    )
 }
 
 /// Rejects a config string field whose value is not one of `accepted` (absent is accepted).
@@ -74,7 +83,10 @@ pub(crate) fn expect_str(cfg: &ConfigFile, field: &str, accepted: &[&str]) -> Re
     match cfg.opt_str(field)? {
         Some(v) if !accepted.contains(&v) => Err(cfg.error(
             field,
-            format!("`{v}` is not supported (supported: {})", accepted.join(", ")),
+            format!(
+                "`{v}` is not supported (supported: {})",
+                accepted.join(", ")
+            ),
         )),
         _ => Ok(()),
     }
@@ -99,10 +111,7 @@ pub(crate) fn recipe(cfg: &ConfigFile, family: Family) -> Result<DecoderRecipe> 
         rope_layout: family.rope_layout,
     };
     if latent.kv_lora_rank == 0 || latent.v_head_dim == 0 || latent.q_lora_rank == Some(0) {
-        return Err(cfg.error(
-            "kv_lora_rank/q_lora_rank/v_head_dim",
-            "must be at least 1",
-        ));
+        return Err(cfg.error("kv_lora_rank/q_lora_rank/v_head_dim", "must be at least 1"));
     }
     // The config's `head_dim` is the rope part; the attention head is nope + rope.
     let hparams = DecoderHParams::read_with_head_dims(cfg, false, nope + rot, rot)?;
@@ -164,6 +173,7 @@ pub(crate) fn recipe(cfg: &ConfigFile, family: Family) -> Result<DecoderRecipe> 
         experts: ExpertLayout::PerExpert(ExpertNames::GATE_UP_DOWN_PROJ),
         router: RouterRecipe {
             correction_bias: family.correction_bias,
+            f32_logits: true,
             ..RouterRecipe::GATE
         },
         activation: ExpertActivation::SiluGlu,
@@ -196,7 +206,15 @@ pub(crate) fn recipe(cfg: &ConfigFile, family: Family) -> Result<DecoderRecipe> 
             }
         })
         .collect();
-    let facts = facts(&latent, &routing, family.correction_bias, first_dense, freq, n_shared, softmax_scale);
+    let facts = facts(
+        &latent,
+        &routing,
+        family.correction_bias,
+        first_dense,
+        freq,
+        n_shared,
+        softmax_scale,
+    );
     Ok(DecoderRecipe {
         architecture: family.architecture,
         attention,
@@ -234,7 +252,7 @@ fn facts(
         None => ("1".into(), "1".into(), "none"),
     };
     vec![
-        ("attention", "multi-head latent (MLA)".into()),
+        ("mla", "multi-head latent attention".into()),
         (
             "q_lora_rank",
             latent

@@ -33,8 +33,16 @@ pub enum RopeLayout {
     /// (DeepSeek-V3's `apply_rotary_pos_emb_interleave`, `rope_interleave: true`).
     PairsToHalves,
     /// Pairs rotated as complex numbers and written back in place (DeepSeek-V2's
-    /// `apply_rotary_emb`).
+    /// `apply_rotary_emb`, which rotates in f32 with f32 tables whatever the compute dtype and
+    /// rounds once).
     Pairs,
+}
+
+impl LatentConfig {
+    /// Does the rotation run in f32 with f32 tables whatever the compute dtype?
+    pub fn rotates_in_f32(&self) -> bool {
+        self.rope_layout == RopeLayout::Pairs
+    }
 }
 
 /// The MLA-specific shape of an attention block; the rest (`hidden_size`, `n_heads`,
@@ -63,11 +71,7 @@ enum QueryProjection {
     /// `q_proj`.
     Direct(Linear),
     /// `q_b_proj(q_a_layernorm(q_a_proj(x)))`.
-    LowRank {
-        a: Linear,
-        norm: RmsNorm,
-        b: Linear,
-    },
+    LowRank { a: Linear, norm: RmsNorm, b: Linear },
 }
 
 /// A multi-head latent attention block.
@@ -80,11 +84,19 @@ pub struct LatentAttention {
     kv_norm: RmsNorm,
     kv_b: Linear,
     o_proj: Linear,
+    /// f32 rotary tables when the rotation runs in f32 and the compute dtype is not f32.
+    f32_rope: Option<RotaryEmbedding>,
 }
 
 impl LatentAttention {
-    /// Loads the projections under `lookup` (`self_attn`). `config.latent` must be set.
-    pub fn load(lookup: &TensorLookup, config: AttentionConfig) -> Result<Self> {
+    /// Loads the projections under `lookup` (`self_attn`). `config.latent` must be set;
+    /// `f32_rope`: f32 tables of the model's rope, for a layout that
+    /// [rotates in f32](LatentConfig::rotates_in_f32) in a non-f32 model.
+    pub fn load(
+        lookup: &TensorLookup,
+        config: AttentionConfig,
+        f32_rope: Option<&RotaryEmbedding>,
+    ) -> Result<Self> {
         let latent = config.latent.clone().ok_or_else(|| {
             Error::InvalidRequest("latent attention built without a latent config".into())
         })?;
@@ -98,7 +110,9 @@ impl LatentAttention {
         }
         let bias = config.qkv_bias;
         let q = match l.q_lora_rank {
-            None => QueryProjection::Direct(Linear::load(lookup, "q_proj", h, n_heads * qk, false)?),
+            None => {
+                QueryProjection::Direct(Linear::load(lookup, "q_proj", h, n_heads * qk, false)?)
+            }
             Some(rank) => QueryProjection::LowRank {
                 a: Linear::load(lookup, "q_a_proj", h, rank, bias)?,
                 norm: RmsNorm::load(lookup, "q_a_layernorm", rank, LATENT_NORM_EPS)?,
@@ -123,6 +137,7 @@ impl LatentAttention {
                 false,
             )?,
             o_proj: Linear::load(lookup, "o_proj", n_heads * l.v_head_dim, h, config.o_bias)?,
+            f32_rope: f32_rope.filter(|_| latent.rotates_in_f32()).cloned(),
             latent,
             config,
         })
@@ -195,11 +210,17 @@ impl LatentAttention {
         Ok(match self.latent.rope_layout {
             RopeLayout::Halves => rope.apply(&x.contiguous()?, start)?,
             RopeLayout::PairsToHalves => rope.apply(&split_pairs(&x.contiguous()?)?, start)?,
-            RopeLayout::Pairs => rope
-                .apply(&split_pairs(&x.contiguous()?)?, start)?
-                .reshape((n, rows, 2, d / 2))?
-                .transpose(2, 3)?
-                .reshape((n, rows, d))?,
+            RopeLayout::Pairs => {
+                let (rope, input) = match &self.f32_rope {
+                    Some(f32_rope) => (f32_rope, x.to_dtype(DType::F32)?),
+                    None => (rope, x.contiguous()?),
+                };
+                rope.apply(&split_pairs(&input)?, start)?
+                    .reshape((n, rows, 2, d / 2))?
+                    .transpose(2, 3)?
+                    .reshape((n, rows, d))?
+                    .to_dtype(x.dtype())?
+            }
         })
     }
 

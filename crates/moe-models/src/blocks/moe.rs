@@ -37,6 +37,8 @@ pub struct SparseMoeBlock {
     pub layer: usize,
     /// `[n_experts, hidden]` router.
     pub router: Linear,
+    /// The router weight is f32 and multiplies `x` in f32 (DeepSeek).
+    pub f32_logits: bool,
     /// `[n_experts]` f32 bias added to the selection scores for the choice only (DeepSeek-V3's
     /// `e_score_correction_bias`).
     pub correction_bias: Option<Tensor>,
@@ -61,7 +63,11 @@ impl SparseMoeBlock {
     ) -> Result<Tensor> {
         let (n_tokens, hidden) = x.dims2()?;
         // [n_tokens, n_experts]
-        let logits = self.router.forward(x)?;
+        let logits = if self.f32_logits {
+            self.router.forward(&x.to_dtype(DType::F32)?)?
+        } else {
+            self.router.forward(x)?
+        };
         let mut routing = route_with_bias(&logits, self.correction_bias.as_ref(), &self.routing)?;
         if self.round_weights {
             routing.weights = routing.weights.to_dtype(x.dtype())?.to_dtype(DType::F32)?;

@@ -111,7 +111,9 @@ mod layer_norm_tests {
 
     #[test]
     fn layer_norm_matches_the_formula() {
-        let x: Vec<f32> = (0..24).map(|i| (i as f32 * 0.7).sin() * 3.0 + 1.5).collect();
+        let x: Vec<f32> = (0..24)
+            .map(|i| (i as f32 * 0.7).sin() * 3.0 + 1.5)
+            .collect();
         let w: Vec<f32> = (0..8).map(|i| 1.0 + i as f32 * 0.1).collect();
         let b: Vec<f32> = (0..8).map(|i| i as f32 * -0.05).collect();
         let norm = LayerNorm {
@@ -127,7 +129,11 @@ mod layer_norm_tests {
             for i in 0..8 {
                 let expected =
                     (row[i] as f64 - mean) / (var + 1e-5).sqrt() * w[i] as f64 + b[i] as f64;
-                assert!((out[i] as f64 - expected).abs() < 1e-5, "{} vs {expected}", out[i]);
+                assert!(
+                    (out[i] as f64 - expected).abs() < 1e-5,
+                    "{} vs {expected}",
+                    out[i]
+                );
             }
         }
     }

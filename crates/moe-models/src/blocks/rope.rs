@@ -73,35 +73,36 @@ impl RopeConfig {
                 format!("{partial} is not supported (only 1.0)"),
             ));
         }
-        let scaling = match rope_type.as_str() {
-            "default" => RopeScaling::Default,
-            "linear" => {
-                let p = params
-                    .as_ref()
-                    .expect("a rope type implies a parameter object");
-                RopeScaling::Linear {
-                    factor: p.f64("factor")?,
+        let scaling =
+            match rope_type.as_str() {
+                "default" => RopeScaling::Default,
+                "linear" => {
+                    let p = params
+                        .as_ref()
+                        .expect("a rope type implies a parameter object");
+                    RopeScaling::Linear {
+                        factor: p.f64("factor")?,
+                    }
                 }
-            }
-            "yarn" => {
-                let p = params
-                    .as_ref()
-                    .expect("a rope type implies a parameter object");
-                RopeScaling::Yarn(YarnParams::read(p, cfg, _max_positions)?)
-            }
-            "longrope" => {
-                let p = params
-                    .as_ref()
-                    .expect("a rope type implies a parameter object");
-                RopeScaling::LongRope(LongRopeParams::read(p, cfg, head_dim)?)
-            }
-            other => {
-                return Err(cfg.error(
+                "yarn" => {
+                    let p = params
+                        .as_ref()
+                        .expect("a rope type implies a parameter object");
+                    RopeScaling::Yarn(YarnParams::read(p, cfg, _max_positions)?)
+                }
+                "longrope" => {
+                    let p = params
+                        .as_ref()
+                        .expect("a rope type implies a parameter object");
+                    RopeScaling::LongRope(LongRopeParams::read(p, cfg, head_dim)?)
+                }
+                other => return Err(cfg.error(
                     "rope_parameters.rope_type",
-                    format!("`{other}` is not supported (supported: default, linear, yarn, longrope)"),
-                ))
-            }
-        };
+                    format!(
+                        "`{other}` is not supported (supported: default, linear, yarn, longrope)"
+                    ),
+                )),
+            };
         Ok(Self {
             theta,
             rotary_dim: head_dim,
@@ -535,7 +536,12 @@ mod longrope_tests {
             0x3f800000, 0x3e9a32dd, 0x3dba2e8c, 0x3cd7e0ce, 0x3bf2b9d6, 0x3b0a297b, 0x3a11a2b4,
             0x3916b8e2,
         ];
-        for (i, (o, e)) in params.inv_freq(10_000.0, 16).iter().zip(expected).enumerate() {
+        for (i, (o, e)) in params
+            .inv_freq(10_000.0, 16)
+            .iter()
+            .zip(expected)
+            .enumerate()
+        {
             assert!(o.to_bits().abs_diff(e) <= 1, "inv_freq[{i}]");
         }
         let rope = rope();
