@@ -77,6 +77,19 @@ pub struct RoutingSpec {
     pub scaling_factor: f32,
 }
 
+impl RoutingSpec {
+    /// Softmax over all experts, top-k, optionally renormalised, no scale (Mixtral, Qwen, OLMoE).
+    pub fn softmax_top_k(n_experts: usize, top_k: usize, renormalize: bool) -> Self {
+        Self {
+            n_experts,
+            top_k,
+            scoring: ScoringFunction::Softmax,
+            renormalize,
+            scaling_factor: 1.0,
+        }
+    }
+}
+
 /// One expert of one layer: the key the expert store is addressed by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExpertKey {

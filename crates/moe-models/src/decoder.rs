@@ -210,6 +210,50 @@ pub struct DecoderRecipe {
     pub multipliers: Multipliers,
 }
 
+impl DecoderRecipe {
+    /// A recipe with no family facts, no sliding windows and neutral multipliers; override
+    /// those fields with struct-update syntax.
+    pub fn new(
+        architecture: &'static str,
+        hparams: DecoderHParams,
+        attention: AttentionConfig,
+        ffn: Vec<FfnRecipe>,
+    ) -> Self {
+        Self {
+            architecture,
+            hparams,
+            attention,
+            ffn,
+            facts: Vec::new(),
+            layer_windows: Vec::new(),
+            multipliers: Multipliers::NONE,
+        }
+    }
+}
+
+impl MoeRecipe {
+    /// The common sparse block: experts in `layout` under `block`, SiLU-gated, routed by the
+    /// `gate` router with `routing`, weights rounded to the compute dtype, no shared expert.
+    /// Override the rest with struct-update syntax.
+    pub fn new(
+        block: &'static str,
+        intermediate: usize,
+        experts: ExpertLayout,
+        routing: RoutingSpec,
+    ) -> Self {
+        Self {
+            block,
+            intermediate,
+            experts,
+            router: RouterRecipe::GATE,
+            activation: ExpertActivation::SiluGlu,
+            routing,
+            round_weights: true,
+            shared: None,
+        }
+    }
+}
+
 /// Scalar multipliers around the decoder stack (Granite); all neutral by default.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Multipliers {

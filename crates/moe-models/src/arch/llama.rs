@@ -5,7 +5,7 @@ use moe_core::Result;
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{DecoderRecipe, FfnRecipe, Multipliers};
+use crate::decoder::{DecoderRecipe, FfnRecipe};
 use crate::hparams::DecoderHParams;
 
 pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
@@ -18,15 +18,13 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
     let bias = cfg.bool_or("attention_bias", false)?;
     let mut attention = super::standard_attention(&hparams, bias, QkNorm::None, None);
     attention.o_bias = bias;
-    Ok(DecoderRecipe {
-        architecture: "LlamaForCausalLM",
-        attention,
-        ffn: vec![dense_ffn(cfg)?; hparams.n_layers],
+    let ffn = vec![dense_ffn(cfg)?; hparams.n_layers];
+    Ok(DecoderRecipe::new(
+        "LlamaForCausalLM",
         hparams,
-        facts: Vec::new(),
-        layer_windows: Vec::new(),
-        multipliers: Multipliers::NONE,
-    })
+        attention,
+        ffn,
+    ))
 }
 
 /// The dense feed-forward of every layer of a dense model (`mlp.{gate,up,down}_proj`).

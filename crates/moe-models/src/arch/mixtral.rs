@@ -1,12 +1,11 @@
 //! `MixtralForCausalLM`: every layer sparse (`block_sparse_moe`, experts `w1`/`w3`/`w2`),
 //! softmax top-k with renormalisation, plain GQA attention.
 
-use moe_core::{Result, RoutingSpec, ScoringFunction};
-use moe_kernels::ExpertActivation;
+use moe_core::{Result, RoutingSpec};
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe, Multipliers, RouterRecipe};
+use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe};
 use crate::experts::{ExpertLayout, ExpertNames};
 use crate::hparams::{read_expert_counts, reject_sliding_window, DecoderHParams};
 
@@ -15,28 +14,21 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
     reject_sliding_window(cfg, None)?;
     let (n_experts, top_k) = read_expert_counts(cfg, &["num_local_experts"])?;
     let moe = MoeRecipe {
-        block: "block_sparse_moe",
-        intermediate: cfg.usize("intermediate_size")?,
-        experts: ExpertLayout::PerExpert(ExpertNames::MIXTRAL_W1_W3_W2),
-        router: RouterRecipe::GATE,
-        activation: ExpertActivation::SiluGlu,
-        routing: RoutingSpec {
-            n_experts,
-            top_k,
-            scoring: ScoringFunction::Softmax,
-            renormalize: true,
-            scaling_factor: 1.0,
-        },
+        // transformers multiplies Mixtral's expert outputs by the f32 weights.
         round_weights: false,
-        shared: None,
+        ..MoeRecipe::new(
+            "block_sparse_moe",
+            cfg.usize("intermediate_size")?,
+            ExpertLayout::PerExpert(ExpertNames::MIXTRAL_W1_W3_W2),
+            RoutingSpec::softmax_top_k(n_experts, top_k, true),
+        )
     };
-    Ok(DecoderRecipe {
-        architecture: "MixtralForCausalLM",
-        attention: super::standard_attention(&hparams, false, QkNorm::None, None),
-        ffn: vec![FfnRecipe::Sparse(moe); hparams.n_layers],
+    let attention = super::standard_attention(&hparams, false, QkNorm::None, None);
+    let ffn = vec![FfnRecipe::Sparse(moe); hparams.n_layers];
+    Ok(DecoderRecipe::new(
+        "MixtralForCausalLM",
         hparams,
-        facts: Vec::new(),
-        layer_windows: Vec::new(),
-        multipliers: Multipliers::NONE,
-    })
+        attention,
+        ffn,
+    ))
 }

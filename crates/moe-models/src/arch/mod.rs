@@ -18,7 +18,7 @@ mod qwen3_moe;
 use moe_core::{Error, Result};
 use moe_loader::ConfigFile;
 
-use crate::decoder::DecoderRecipe;
+use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe};
 
 /// One supported architecture.
 pub struct Architecture {
@@ -123,22 +123,36 @@ pub fn find_architecture(cfg: &ConfigFile) -> Result<&'static Architecture> {
         })
 }
 
-/// Which layers are sparse under the Qwen-MoE rule: not in `mlp_only_layers`, and
-/// `(layer + 1) % decoder_sparse_step == 0`.
-pub(crate) fn qwen_sparse_layers(cfg: &ConfigFile, n_layers: usize) -> Result<Vec<bool>> {
+/// The feed-forward of every layer under the Qwen-MoE rule: sparse (`moe`) unless the layer is
+/// in `mlp_only_layers` or `(layer + 1) % decoder_sparse_step != 0`, else a dense MLP of
+/// `intermediate_size`.
+pub(crate) fn qwen_layer_ffn(
+    cfg: &ConfigFile,
+    n_layers: usize,
+    moe: MoeRecipe,
+) -> Result<Vec<FfnRecipe>> {
     let step = cfg.opt_usize("decoder_sparse_step")?.unwrap_or(1);
     if step == 0 {
         return Err(cfg.error("decoder_sparse_step", "must be at least 1"));
     }
-    let dense = cfg.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
-    if let Some(&bad) = dense.iter().find(|&&l| l >= n_layers) {
+    let dense_layers = cfg.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
+    if let Some(&bad) = dense_layers.iter().find(|&&l| l >= n_layers) {
         return Err(cfg.error(
             "mlp_only_layers",
             format!("layer {bad} does not exist ({n_layers} layers)"),
         ));
     }
+    let dense = FfnRecipe::Dense {
+        intermediate: cfg.usize("intermediate_size")?,
+    };
     Ok((0..n_layers)
-        .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
+        .map(|l| {
+            if !dense_layers.contains(&l) && (l + 1) % step == 0 {
+                FfnRecipe::Sparse(moe.clone())
+            } else {
+                dense.clone()
+            }
+        })
         .collect())
 }
 

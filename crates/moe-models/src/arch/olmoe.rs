@@ -1,45 +1,36 @@
 //! `OlmoeForCausalLM`: q/k RMSNorm over the whole projection, optional `clip_qkv`, every layer
 //! sparse with `intermediate_size` experts, `norm_topk_prob`.
 
-use moe_core::{Result, RoutingSpec, ScoringFunction};
-use moe_kernels::ExpertActivation;
+use moe_core::{Result, RoutingSpec};
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe, Multipliers, RouterRecipe};
+use crate::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe};
 use crate::experts::{ExpertLayout, ExpertNames};
 use crate::hparams::{read_expert_counts, DecoderHParams};
 
 pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
     let hparams = DecoderHParams::read(cfg, false)?;
     let (n_experts, top_k) = read_expert_counts(cfg, &["num_experts"])?;
-    let moe = MoeRecipe {
-        block: "mlp",
-        intermediate: cfg.usize("intermediate_size")?,
-        experts: ExpertLayout::PerExpert(ExpertNames::GATE_UP_DOWN_PROJ),
-        router: RouterRecipe::GATE,
-        activation: ExpertActivation::SiluGlu,
-        routing: RoutingSpec {
-            n_experts,
-            top_k,
-            scoring: ScoringFunction::Softmax,
-            renormalize: cfg.bool_or("norm_topk_prob", false)?,
-            scaling_factor: 1.0,
-        },
-        round_weights: true,
-        shared: None,
-    };
-    let clip = cfg.opt_f64("clip_qkv")?;
+    let moe = MoeRecipe::new(
+        "mlp",
+        cfg.usize("intermediate_size")?,
+        ExpertLayout::PerExpert(ExpertNames::GATE_UP_DOWN_PROJ),
+        RoutingSpec::softmax_top_k(n_experts, top_k, cfg.bool_or("norm_topk_prob", false)?),
+    );
     let bias = cfg.bool_or("attention_bias", false)?;
-    let mut attention = super::standard_attention(&hparams, bias, QkNorm::WholeProjection, clip);
+    let mut attention = super::standard_attention(
+        &hparams,
+        bias,
+        QkNorm::WholeProjection,
+        cfg.opt_f64("clip_qkv")?,
+    );
     attention.o_bias = bias;
-    Ok(DecoderRecipe {
-        architecture: "OlmoeForCausalLM",
-        attention,
-        ffn: vec![FfnRecipe::Sparse(moe); hparams.n_layers],
+    let ffn = vec![FfnRecipe::Sparse(moe); hparams.n_layers];
+    Ok(DecoderRecipe::new(
+        "OlmoeForCausalLM",
         hparams,
-        facts: Vec::new(),
-        layer_windows: Vec::new(),
-        multipliers: Multipliers::NONE,
-    })
+        attention,
+        ffn,
+    ))
 }

@@ -1,14 +1,11 @@
 //! `Qwen2MoeForCausalLM`: q/k/v biases, a shared expert scaled by `sigmoid(shared_expert_gate)`,
 //! sparse layers chosen by `decoder_sparse_step` and `mlp_only_layers`.
 
-use moe_core::{Result, RoutingSpec, ScoringFunction};
-use moe_kernels::ExpertActivation;
+use moe_core::{Result, RoutingSpec};
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{
-    DecoderRecipe, FfnRecipe, MoeRecipe, Multipliers, RouterRecipe, SharedExpertRecipe,
-};
+use crate::decoder::{DecoderRecipe, MoeRecipe, SharedExpertRecipe};
 use crate::experts::{ExpertLayout, ExpertNames};
 use crate::hparams::{read_expert_counts, reject_sliding_window, DecoderHParams};
 
@@ -25,50 +22,25 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         .opt_usize("shared_expert_intermediate_size")?
         .unwrap_or(0);
     let moe = MoeRecipe {
-        block: "mlp",
-        intermediate: cfg.usize("moe_intermediate_size")?,
-        experts: ExpertLayout::PerExpert(ExpertNames::GATE_UP_DOWN_PROJ),
-        router: RouterRecipe::GATE,
-        activation: ExpertActivation::SiluGlu,
-        routing: RoutingSpec {
-            n_experts,
-            top_k,
-            scoring: ScoringFunction::Softmax,
-            renormalize: cfg.bool_or("norm_topk_prob", false)?,
-            scaling_factor: 1.0,
-        },
-        round_weights: true,
         shared: (shared_size > 0).then_some(SharedExpertRecipe {
             name: "shared_expert",
             intermediate: shared_size,
             gate: Some("shared_expert_gate"),
         }),
+        ..MoeRecipe::new(
+            "mlp",
+            cfg.usize("moe_intermediate_size")?,
+            ExpertLayout::PerExpert(ExpertNames::GATE_UP_DOWN_PROJ),
+            RoutingSpec::softmax_top_k(n_experts, top_k, cfg.bool_or("norm_topk_prob", false)?),
+        )
     };
-    let dense = FfnRecipe::Dense {
-        intermediate: cfg.usize("intermediate_size")?,
-    };
-    let ffn = super::qwen_sparse_layers(cfg, hparams.n_layers)?
-        .into_iter()
-        .map(|sparse| {
-            if sparse {
-                FfnRecipe::Sparse(moe.clone())
-            } else {
-                dense.clone()
-            }
-        })
-        .collect();
-    Ok(DecoderRecipe {
-        architecture: "Qwen2MoeForCausalLM",
-        attention: super::standard_attention(
-            &hparams,
-            cfg.bool_or("qkv_bias", true)?,
-            QkNorm::None,
-            None,
-        ),
-        ffn,
+    let ffn = super::qwen_layer_ffn(cfg, hparams.n_layers, moe)?;
+    let attention =
+        super::standard_attention(&hparams, cfg.bool_or("qkv_bias", true)?, QkNorm::None, None);
+    Ok(DecoderRecipe::new(
+        "Qwen2MoeForCausalLM",
         hparams,
-        facts: Vec::new(),
-        layer_windows: Vec::new(),
-        multipliers: Multipliers::NONE,
-    })
+        attention,
+        ffn,
+    ))
 }

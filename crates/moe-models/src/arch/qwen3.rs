@@ -5,7 +5,7 @@ use moe_core::Result;
 use moe_loader::ConfigFile;
 
 use crate::blocks::attention::QkNorm;
-use crate::decoder::{DecoderRecipe, Multipliers};
+use crate::decoder::DecoderRecipe;
 use crate::hparams::DecoderHParams;
 
 pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
@@ -26,15 +26,13 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
     let bias = cfg.bool_or("attention_bias", false)?;
     let mut attention = super::standard_attention(&hparams, bias, QkNorm::PerHead, None);
     attention.o_bias = bias;
-    Ok(DecoderRecipe {
-        architecture: "Qwen3ForCausalLM",
-        attention,
-        ffn: vec![super::llama::dense_ffn(cfg)?; hparams.n_layers],
+    let ffn = vec![super::llama::dense_ffn(cfg)?; hparams.n_layers];
+    Ok(DecoderRecipe::new(
+        "Qwen3ForCausalLM",
         hparams,
-        facts: Vec::new(),
-        layer_windows: Vec::new(),
-        multipliers: Multipliers::NONE,
-    })
+        attention,
+        ffn,
+    ))
 }
 
 /// Fails if any layer would use sliding-window attention: `layer_types` when given, else (as

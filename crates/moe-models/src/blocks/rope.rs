@@ -73,36 +73,37 @@ impl RopeConfig {
                 format!("{partial} is not supported (only 1.0)"),
             ));
         }
-        let scaling =
-            match rope_type.as_str() {
-                "default" => RopeScaling::Default,
-                "linear" => {
-                    let p = params
-                        .as_ref()
-                        .expect("a rope type implies a parameter object");
-                    RopeScaling::Linear {
-                        factor: p.f64("factor")?,
-                    }
+        let scaling = match rope_type.as_str() {
+            "default" => RopeScaling::Default,
+            "linear" => {
+                let p = params
+                    .as_ref()
+                    .expect("a rope type implies a parameter object");
+                RopeScaling::Linear {
+                    factor: p.f64("factor")?,
                 }
-                "yarn" => {
-                    let p = params
-                        .as_ref()
-                        .expect("a rope type implies a parameter object");
-                    RopeScaling::Yarn(YarnParams::read(p, cfg, _max_positions)?)
-                }
-                "longrope" => {
-                    let p = params
-                        .as_ref()
-                        .expect("a rope type implies a parameter object");
-                    RopeScaling::LongRope(LongRopeParams::read(p, cfg, head_dim)?)
-                }
-                other => return Err(cfg.error(
+            }
+            "yarn" => {
+                let p = params
+                    .as_ref()
+                    .expect("a rope type implies a parameter object");
+                RopeScaling::Yarn(YarnParams::read(p, cfg, _max_positions)?)
+            }
+            "longrope" => {
+                let p = params
+                    .as_ref()
+                    .expect("a rope type implies a parameter object");
+                RopeScaling::LongRope(LongRopeParams::read(p, cfg, head_dim)?)
+            }
+            other => {
+                return Err(cfg.error(
                     "rope_parameters.rope_type",
                     format!(
                         "`{other}` is not supported (supported: default, linear, yarn, longrope)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         Ok(Self {
             theta,
             rotary_dim: head_dim,
