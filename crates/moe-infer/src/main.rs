@@ -140,6 +140,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // `moe-infer inspect | head` closes the pipe early: that is not an error.
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
@@ -225,7 +232,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         let mut value = serde_json::to_value(&response)?;
         value["model"] = serde_json::json!(engine.model_dir().display().to_string());
         value["load_seconds"] = serde_json::json!(engine.load_seconds());
-        println!("{}", serde_json::to_string(&value)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string(&value)?)?;
         return Ok(());
     }
     let mut stdout = std::io::stdout().lock();
@@ -272,12 +279,12 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         write_logits(path, logits)?;
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string(&report)?)?;
     } else {
-        println!(
+        writeln!(std::io::stdout(),
             "perplexity {:.4} (mean NLL {:.4} nats over {} predicted tokens of {}, window {}, {:.2} s)",
             report.perplexity, report.mean_nll, report.n_predicted, report.n_tokens, report.window, report.seconds
-        );
+        )?;
     }
     Ok(())
 }
@@ -298,51 +305,75 @@ fn inspect(args: InspectArgs) -> Result<()> {
     if args.json {
         let mut value = serde_json::to_value(s)?;
         value["model"] = serde_json::json!(engine.model_dir().display().to_string());
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&value)?
+        )?;
         return Ok(());
     }
     let gb = |b: u64| b as f64 / 1e9;
-    println!("model         {}", engine.model_dir().display());
-    println!("architecture  {}", s.architecture);
-    println!(
+    writeln!(
+        std::io::stdout(),
+        "model         {}",
+        engine.model_dir().display()
+    )?;
+    writeln!(std::io::stdout(), "architecture  {}", s.architecture)?;
+    writeln!(
+        std::io::stdout(),
         "layers        {} ({} with MoE: {:?})",
         s.n_layers,
         s.moe_layers.len(),
         s.moe_layers
-    );
+    )?;
     if s.moe_layers.is_empty() {
-        println!("experts       none (dense model)");
+        writeln!(std::io::stdout(), "experts       none (dense model)")?;
     } else {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "experts       {} routed, top-{}, {} shared, norm_topk_prob {}",
-            s.n_experts, s.top_k, s.n_shared_experts, s.norm_topk_prob
-        );
+            s.n_experts,
+            s.top_k,
+            s.n_shared_experts,
+            s.norm_topk_prob
+        )?;
     }
     for (name, value) in &s.facts {
-        println!("{name:<13} {value}");
+        writeln!(std::io::stdout(), "  {name}: {value}")?;
     }
-    println!(
+    writeln!(
+        std::io::stdout(),
         "attention     {} heads, {} kv heads, head dim {}",
-        s.heads.0, s.heads.1, s.heads.2
-    );
-    println!(
+        s.heads.0,
+        s.heads.1,
+        s.heads.2
+    )?;
+    writeln!(
+        std::io::stdout(),
         "hidden        {}   vocab {}   context {}",
-        s.hidden_size, s.vocab_size, s.context_length
-    );
-    println!(
+        s.hidden_size,
+        s.vocab_size,
+        s.context_length
+    )?;
+    writeln!(
+        std::io::stdout(),
         "parameters    {} total, {} active per token ({:.1} %)",
         human(s.params_total),
         human(s.params_active),
         100.0 * s.params_active as f64 / s.params_total.max(1) as f64
-    );
+    )?;
     let dtypes: Vec<String> = s
         .checkpoint_bytes_by_dtype
         .iter()
         .map(|(d, b)| format!("{d} {:.3} GB", gb(*b)))
         .collect();
-    println!("checkpoint    {}", dtypes.join(", "));
-    println!("experts bytes {:.3} GB routed", gb(s.routed_expert_bytes));
-    println!("compute dtype {}", s.compute_dtype);
+    writeln!(std::io::stdout(), "checkpoint    {}", dtypes.join(", "))?;
+    writeln!(
+        std::io::stdout(),
+        "experts bytes {:.3} GB routed",
+        gb(s.routed_expert_bytes)
+    )?;
+    writeln!(std::io::stdout(), "compute dtype {}", s.compute_dtype)?;
     Ok(())
 }
 

@@ -182,8 +182,10 @@ impl RouterRecipe {
 pub struct SharedExpertRecipe {
     /// Its prefix inside the block (`shared_expert`, DeepSeek's `shared_experts`).
     pub name: &'static str,
-    /// Intermediate size.
+    /// Intermediate size (of all shared experts together when several are fused as one MLP).
     pub intermediate: usize,
+    /// How many experts the checkpoint fused into this MLP (DeepSeek's `n_shared_experts`).
+    pub n_fused: usize,
     /// Name of the `[1, hidden]` sigmoid gate, if any.
     pub gate: Option<&'static str>,
 }

@@ -92,7 +92,9 @@ impl ModelSummary {
             moe_layers,
             n_experts: first.map_or(0, |m| m.routing.n_experts),
             top_k: first.map_or(0, |m| m.routing.top_k),
-            n_shared_experts: first.map_or(0, |m| usize::from(m.shared.is_some())),
+            n_shared_experts: first
+                .and_then(|m| m.shared.as_ref())
+                .map_or(0, |s| s.n_fused),
             norm_topk_prob: first.is_some_and(|m| m.routing.renormalize),
             hidden_size: hp.hidden_size,
             heads: (hp.n_heads, hp.n_kv_heads, hp.head_dim),

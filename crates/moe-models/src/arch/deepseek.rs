@@ -183,6 +183,7 @@ pub(crate) fn recipe(cfg: &ConfigFile, family: Family) -> Result<DecoderRecipe> 
         shared: (n_shared > 0).then_some(SharedExpertRecipe {
             name: "shared_experts",
             intermediate: n_shared * moe_intermediate,
+            n_fused: n_shared,
             gate: None,
         }),
     };

@@ -25,6 +25,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
         shared: (shared_size > 0).then_some(SharedExpertRecipe {
             name: "shared_expert",
             intermediate: shared_size,
+            n_fused: 1,
             gate: Some("shared_expert_gate"),
         }),
         ..MoeRecipe::new(
