@@ -27,6 +27,7 @@ fn check_batch_invariance(name: &str) -> f32 {
         &LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
+            expert_source: None,
         },
         false,
     )

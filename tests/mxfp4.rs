@@ -127,6 +127,7 @@ fn mxfp4_checkpoint_loads_like_its_dequantized_float_twin() {
     let options = LoadOptions {
         dtype: DType::F32,
         device: dev.clone(),
+        expert_source: None,
     };
     let reference = Reference::load("gpt_oss").unwrap();
     let prompt = &reference.prompts[0].input_ids;

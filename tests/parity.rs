@@ -38,6 +38,7 @@ fn load(name: &str, reference: &Reference) -> DecoderModel {
     let options = LoadOptions {
         dtype,
         device: Device::Cpu,
+        expert_source: None,
     };
     load_decoder(&fixture_dir(name), &options, false).unwrap_or_else(|e| panic!("{name}: {e}"))
 }

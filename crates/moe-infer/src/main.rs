@@ -12,6 +12,11 @@ use moe_engine::{
     SamplingParams,
 };
 
+/// mimalloc keeps freed activation buffers for reuse; glibc's malloc returns large ones to the
+/// OS and page-faults them back in on the next step (≈15 % of prefill time in profiles).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A local inference engine for sparse mixture-of-experts language models.
 #[derive(Parser)]
 #[command(name = "moe-infer", version, about)]

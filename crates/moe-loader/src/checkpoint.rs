@@ -144,23 +144,29 @@ impl Checkpoint {
                 got: entry.shape.clone(),
             });
         }
-        let stored = match entry.dtype.as_str() {
-            "F32" => DType::F32,
-            "BF16" => DType::BF16,
-            "F16" => DType::F16,
-            other => {
-                return Err(Error::TensorDtype {
-                    name: name.to_string(),
-                    path: file.path().to_path_buf(),
-                    dtype: other.to_string(),
-                })
-            }
-        };
+        let stored = float_dtype(name, file.path(), &entry.dtype)?;
         let tensor = Tensor::from_raw_buffer(bytes, stored, &entry.shape, &Device::Cpu)?;
         if let Some(bar) = &self.progress {
             bar.inc(bytes.len() as u64);
         }
         Ok(tensor.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// Where tensor `name` lies on disk (file, absolute byte offset, dtype, shape), without
+    /// reading it: for readers that fetch bytes on demand instead of through the mmap.
+    pub fn tensor_location(&self, name: &str) -> Result<TensorLocation> {
+        let (file, entry) = self.entry(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            location: self.location.display().to_string(),
+        })?;
+        Ok(TensorLocation {
+            name: name.to_string(),
+            path: file.path().to_path_buf(),
+            offset: (file.data_start() + entry.data_offsets.0) as u64,
+            len: entry.data_offsets.1 - entry.data_offsets.0,
+            dtype: entry.dtype.clone(),
+            shape: entry.shape.clone(),
+        })
     }
 
     /// The dtype most bytes of the checkpoint are stored in (what `--dtype auto` picks).
@@ -174,6 +180,81 @@ impl Checkpoint {
             .into_iter()
             .max_by_key(|&(_, b)| b)
             .map(|(d, _)| d.to_string())
+    }
+}
+
+/// The candle dtype of a float safetensors dtype string; other dtypes are an error naming the
+/// tensor.
+fn float_dtype(name: &str, path: &Path, dtype: &str) -> Result<DType> {
+    Ok(match dtype {
+        "F32" => DType::F32,
+        "BF16" => DType::BF16,
+        "F16" => DType::F16,
+        other => {
+            return Err(Error::TensorDtype {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                dtype: other.to_string(),
+            })
+        }
+    })
+}
+
+/// Where one tensor's bytes are on disk: everything needed to read and decode it later with a
+/// plain positioned read, without the mmap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorLocation {
+    /// The full checkpoint name.
+    pub name: String,
+    /// The safetensors file holding it.
+    pub path: PathBuf,
+    /// Absolute byte offset of the tensor's first byte in the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: usize,
+    /// The stored dtype string (`F32`, `BF16`, ...).
+    pub dtype: String,
+    /// Shape as stored.
+    pub shape: Vec<usize>,
+}
+
+impl TensorLocation {
+    /// Errors unless the stored shape is `expected` (the same error [`Checkpoint::tensor`]
+    /// gives).
+    pub fn check_shape(&self, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::TensorShape {
+                name: self.name.clone(),
+                path: self.path.clone(),
+                expected: expected.to_vec(),
+                got: self.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that the stored dtype is a float type the engine reads.
+    pub fn check_dtype(&self) -> Result<()> {
+        float_dtype(&self.name, &self.path, &self.dtype).map(|_| ())
+    }
+
+    /// Decodes `bytes` (this tensor's `len` bytes, read from the file) exactly as
+    /// [`Checkpoint::tensor`] decodes the mapped bytes: stored dtype → `dtype` on `device`.
+    pub fn to_tensor(&self, bytes: &[u8], dtype: DType, device: &Device) -> Result<Tensor> {
+        if bytes.len() != self.len {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!(
+                    "tensor `{}`: got {} bytes, expected {}",
+                    self.name,
+                    bytes.len(),
+                    self.len
+                ),
+            ));
+        }
+        let stored = float_dtype(&self.name, &self.path, &self.dtype)?;
+        let tensor = Tensor::from_raw_buffer(bytes, stored, &self.shape, &Device::Cpu)?;
+        Ok(tensor.to_dtype(dtype)?.to_device(device)?)
     }
 }
 
@@ -277,6 +358,15 @@ impl TensorLookup {
     /// Is `name` in the checkpoint?
     pub fn contains(&self, name: &str) -> bool {
         self.checkpoint.contains(&self.full_name(name))
+    }
+
+    /// Where `name` lies on disk, shape- and dtype-checked like [`TensorLookup::get`], without
+    /// reading it.
+    pub fn location(&self, name: &str, shape: &[usize]) -> Result<TensorLocation> {
+        let location = self.checkpoint.tensor_location(&self.full_name(name))?;
+        location.check_shape(shape)?;
+        location.check_dtype()?;
+        Ok(location)
     }
 
     /// The compute dtype tensors are converted to.

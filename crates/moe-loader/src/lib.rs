@@ -7,7 +7,7 @@ pub mod config;
 pub mod hub;
 pub mod safetensors_file;
 
-pub use checkpoint::{Checkpoint, TensorLookup, WeightDtype};
+pub use checkpoint::{Checkpoint, TensorLocation, TensorLookup, WeightDtype};
 pub use config::ConfigFile;
 pub use hub::{resolve_model, ModelDir};
 pub use safetensors_file::{SafetensorsFile, TensorEntry};

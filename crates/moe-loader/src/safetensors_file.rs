@@ -143,6 +143,12 @@ impl SafetensorsFile {
         &self.tensors
     }
 
+    /// Byte offset of the data section (just after the header) inside the file: a tensor's
+    /// bytes are at `data_start() + data_offsets.0 .. data_start() + data_offsets.1`.
+    pub fn data_start(&self) -> usize {
+        self.data_start
+    }
+
     /// The raw bytes of a tensor, or `None` when the file has no tensor of that name.
     pub fn bytes(&self, name: &str) -> Option<(&TensorEntry, &[u8])> {
         let entry = self.tensors.get(name)?;

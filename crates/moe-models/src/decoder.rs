@@ -311,11 +311,14 @@ impl DecoderModel {
                     hidden: h,
                     intermediate: moe.intermediate,
                     layout: moe.experts,
+                    top_k: moe.routing.top_k,
                 });
             }
         }
-        let experts: Arc<dyn ExpertSource> =
-            Arc::new(ResidentExperts::load(hp.n_layers, &layouts)?);
+        let experts: Arc<dyn ExpertSource> = match &options.expert_source {
+            Some(factory) => factory.build(hp.n_layers, &layouts)?,
+            None => Arc::new(ResidentExperts::load(hp.n_layers, &layouts)?),
+        };
         // f32 rotary tables for latent attention that rotates in f32 (DeepSeek-V2).
         let f32_rope = match &recipe.attention.latent {
             Some(latent) if latent.rotates_in_f32() && options.dtype != DType::F32 => {

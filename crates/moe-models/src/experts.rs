@@ -255,6 +255,20 @@ pub struct ExpertLayerLayout {
     pub intermediate: usize,
     /// How the experts are stored.
     pub layout: ExpertLayout,
+    /// Experts each token is routed to (the layer's per-token working set).
+    pub top_k: usize,
+}
+
+/// Builds the [`ExpertSource`] of a model at load, from where each MoE layer's experts are.
+/// [`crate::LoadOptions::expert_source`] carries one when experts should not all be resident
+/// (the tiered expert cache); without one, [`ResidentExperts`] is used.
+pub trait ExpertSourceFactory: Send + Sync + std::fmt::Debug {
+    /// The source for a model of `n_layers` decoder layers whose MoE layers are `layouts`.
+    fn build(
+        &self,
+        n_layers: usize,
+        layouts: &[ExpertLayerLayout],
+    ) -> Result<Arc<dyn ExpertSource>>;
 }
 
 impl ResidentExperts {

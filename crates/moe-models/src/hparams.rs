@@ -15,6 +15,9 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Device to place the model on.
     pub device: Device,
+    /// Builds the routed experts' source (the tiered expert cache); `None`: every expert is
+    /// loaded resident.
+    pub expert_source: Option<std::sync::Arc<dyn crate::experts::ExpertSourceFactory>>,
 }
 
 /// Largest context window accepted (the rotary tables cover every position up front).

@@ -18,7 +18,10 @@ pub mod summary;
 
 pub use arch::{find_architecture, supported_architectures, Architecture, ARCHITECTURES};
 pub use decoder::{DecoderModel, ForwardContext, LogitsWanted, RoutingObserver, SequenceInput};
-pub use experts::{ExpertNames, ExpertSource, ResidentExperts};
+pub use experts::{
+    ExpertLayerLayout, ExpertLayout, ExpertNames, ExpertSource, ExpertSourceFactory,
+    ResidentExperts,
+};
 pub use hparams::{DecoderHParams, LoadOptions};
 pub use kv_cache::KvCache;
 pub use load::load_decoder;
