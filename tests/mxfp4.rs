@@ -6,7 +6,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
+use moe_cache::{ExpertBudget, PolicyKind, TieredExpertsBuilder};
 use moe_models::{load_decoder, ForwardContext, LoadOptions, LogitsWanted, SequenceInput};
 use moe_tests::{fixture_dir, Reference};
 
@@ -131,8 +134,8 @@ fn mxfp4_checkpoint_loads_like_its_dequantized_float_twin() {
     };
     let reference = Reference::load("gpt_oss").unwrap();
     let prompt = &reference.prompts[0].input_ids;
-    let logits = |dir: &Path| -> Vec<Vec<f32>> {
-        let model = load_decoder(dir, &options, false).unwrap();
+    let logits_with = |dir: &Path, options: &LoadOptions| -> Vec<Vec<f32>> {
+        let model = load_decoder(dir, options, false).unwrap();
         let mut cache = model.new_cache();
         let mut batch = [SequenceInput {
             tokens: prompt,
@@ -144,10 +147,29 @@ fn mxfp4_checkpoint_loads_like_its_dequantized_float_twin() {
             .unwrap();
         out[0].to_vec2().unwrap()
     };
+    let logits = |dir: &Path| logits_with(dir, &options);
     let from_packed = logits(&packed_dir);
     let from_float = logits(&float_dir);
+    // The tiered expert cache reads one expert's slice of the packed blocks and scales from
+    // disk and dequantizes it to the same weights.
+    let builder = Arc::new(TieredExpertsBuilder::new(
+        ExpertBudget::Percent(40.0),
+        PolicyKind::Lru,
+    ));
+    let tiered = LoadOptions {
+        expert_source: Some(builder.clone()),
+        ..options.clone()
+    };
+    let from_packed_on_demand = logits_with(&packed_dir, &tiered);
+    let stats = builder.built().unwrap().stats();
     std::fs::remove_dir_all(&root).ok();
     assert_eq!(from_packed, from_float);
+    assert_eq!(from_packed_on_demand, from_packed);
+    assert!(stats.evictions > 0 && stats.resident_high_water_bytes <= stats.budget_bytes);
+    // MXFP4 on disk is under a quarter of f32 in RAM: the bytes read are the packed ones.
+    let n_experts: usize = stats.layer_usage.iter().map(|l| l.counts.len()).sum();
+    let per_expert_in_ram = stats.expert_bytes_total / n_experts as u64;
+    assert!(stats.misses > 0 && 4 * stats.bytes_read < stats.misses * per_expert_in_ram);
     // The quantized experts really are in use: the logits moved away from the fixture's.
     let moved = from_packed[0]
         .iter()

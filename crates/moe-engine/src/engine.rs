@@ -1,8 +1,10 @@
 //! The [`Engine`]: a loaded model with its tokenizer, chat template and generation defaults.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
+use moe_cache::{ExpertBudget, ExpertCacheStats, PolicyKind, TieredExperts, TieredExpertsBuilder};
 use moe_core::{Error, Result};
 use moe_loader::{resolve_model, Checkpoint, ConfigFile};
 use moe_models::{load_decoder, DecoderModel, LoadOptions, ModelSummary};
@@ -24,6 +26,11 @@ pub struct EngineOptions {
     pub dtype: DtypeChoice,
     /// Show progress bars while downloading and loading.
     pub show_progress: bool,
+    /// Host-RAM budget for routed experts: `None` loads every expert; `Some` reads them on
+    /// demand from the checkpoint files into a cache of at most this many bytes.
+    pub expert_budget: Option<ExpertBudget>,
+    /// Eviction policy of the expert cache (ignored without a budget).
+    pub expert_policy: PolicyKind,
 }
 
 /// The folder of the bundled demo model: `$MOE_INFER_BUNDLED_MODEL`, else `models/tinystories-moe`
@@ -47,6 +54,7 @@ pub struct Engine {
     default_max_new_tokens: Option<usize>,
     model_dir: PathBuf,
     load_seconds: f64,
+    expert_cache: Option<Arc<TieredExperts>>,
 }
 
 impl Engine {
@@ -70,7 +78,18 @@ impl Engine {
         let config = ConfigFile::read(&dir.join("config.json"))?;
         let stored = Checkpoint::open_dir(&dir)?.dominant_dtype();
         let dtype = options.dtype.resolve(&device, stored.as_deref());
-        let model = load_decoder(&dir, &LoadOptions { dtype, device }, options.show_progress)?;
+        let builder = options
+            .expert_budget
+            .map(|budget| Arc::new(TieredExpertsBuilder::new(budget, options.expert_policy)));
+        let load_options = LoadOptions {
+            dtype,
+            device,
+            expert_source: builder
+                .clone()
+                .map(|b| b as Arc<dyn moe_models::ExpertSourceFactory>),
+        };
+        let model = load_decoder(&dir, &load_options, options.show_progress)?;
+        let expert_cache = builder.and_then(|b| b.built());
         let tokenizer_config = ConfigFile::read_optional(&dir.join("tokenizer_config.json"))?;
         let generation_config = ConfigFile::read_optional(&dir.join("generation_config.json"))?;
         let tokenizer = TextTokenizer::load(
@@ -95,7 +114,18 @@ impl Engine {
             default_max_new_tokens,
             model_dir: dir,
             load_seconds: start.elapsed().as_secs_f64(),
+            expert_cache,
         })
+    }
+
+    /// The tiered expert cache, when the engine was loaded with an expert budget.
+    pub fn expert_cache(&self) -> Option<&Arc<TieredExperts>> {
+        self.expert_cache.as_ref()
+    }
+
+    /// The expert cache's statistics since load (or the last reset); `None` without a budget.
+    pub fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
+        self.expert_cache.as_ref().map(|c| c.stats())
     }
 
     /// The model.

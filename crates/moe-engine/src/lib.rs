@@ -37,6 +37,7 @@ pub mod tokenizer;
 
 pub use device::{DeviceChoice, DtypeChoice};
 pub use engine::{bundled_model_dir, Engine, EngineOptions};
+pub use moe_cache::{ExpertBudget, ExpertCacheStats, LayerUsage, PolicyKind};
 pub use moe_core::{Error, Result};
 pub use perplexity::PerplexityReport;
 pub use request::{ChatMessage, FinishReason, GenerateRequest, GenerateResponse, Prompt, Timings};

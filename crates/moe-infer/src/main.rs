@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use moe_engine::{
-    ChatMessage, DeviceChoice, DtypeChoice, Engine, EngineOptions, GenerateRequest, Prompt,
-    SamplingParams,
+    ChatMessage, DeviceChoice, DtypeChoice, Engine, EngineOptions, ExpertBudget, GenerateRequest,
+    PolicyKind, Prompt, SamplingParams,
 };
 
 /// mimalloc keeps freed activation buffers for reuse; glibc's malloc returns large ones to the
@@ -46,6 +46,14 @@ struct ModelArgs {
     /// Compute dtype: auto (f32 on CPU, checkpoint dtype on GPU), f32, bf16, f16.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Host-RAM budget for routed experts, in bytes (12GiB, 512MB) or as a share of all
+    /// routed-expert bytes (40%); experts beyond it are read from the checkpoint on demand.
+    /// Default: every expert resident.
+    #[arg(long)]
+    expert_budget: Option<String>,
+    /// Eviction policy of the expert cache: lru or lfu-decay.
+    #[arg(long, default_value = "lru", requires = "expert_budget")]
+    expert_policy: String,
 }
 
 impl ModelArgs {
@@ -55,6 +63,12 @@ impl ModelArgs {
             device: self.device.parse::<DeviceChoice>()?,
             dtype: self.dtype.parse::<DtypeChoice>()?,
             show_progress,
+            expert_budget: self
+                .expert_budget
+                .as_deref()
+                .map(str::parse::<ExpertBudget>)
+                .transpose()?,
+            expert_policy: self.expert_policy.parse::<PolicyKind>()?,
         };
         Ok(Engine::load(&options)?)
     }
@@ -106,6 +120,9 @@ struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Print the expert cache's statistics on stderr (with --expert-budget).
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Args)]
@@ -237,6 +254,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         let mut value = serde_json::to_value(&response)?;
         value["model"] = serde_json::json!(engine.model_dir().display().to_string());
         value["load_seconds"] = serde_json::json!(engine.load_seconds());
+        if let Some(stats) = engine.expert_cache_stats() {
+            value["expert_cache"] = serde_json::to_value(&stats)?;
+            if args.stats {
+                eprintln!("{stats}");
+            }
+        }
         writeln!(std::io::stdout(), "{}", serde_json::to_string(&value)?)?;
         return Ok(());
     }
@@ -261,6 +284,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         engine.load_seconds(),
         response.seed,
     );
+    if args.stats {
+        match engine.expert_cache_stats() {
+            Some(stats) => eprintln!("{stats}"),
+            None => eprintln!("expert cache: off (every expert resident; set --expert-budget)"),
+        }
+    }
     Ok(())
 }
 

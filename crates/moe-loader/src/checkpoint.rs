@@ -233,6 +233,30 @@ impl TensorLocation {
         Ok(())
     }
 
+    /// The location of entry `index` along the first dimension, which must be `count` long
+    /// (one expert of a stacked `[n_experts, ...]` tensor): contiguous bytes, shape without
+    /// the first dimension.
+    pub fn slice_first(&self, index: usize, count: usize) -> Result<TensorLocation> {
+        if self.shape.first() != Some(&count) || index >= count {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!(
+                    "tensor `{}` of shape {:?}: no entry {index} of {count} along its first dimension",
+                    self.name, self.shape
+                ),
+            ));
+        }
+        let stride = self.len / count;
+        Ok(TensorLocation {
+            name: format!("{}[{index}]", self.name),
+            path: self.path.clone(),
+            offset: self.offset + (index * stride) as u64,
+            len: stride,
+            dtype: self.dtype.clone(),
+            shape: self.shape[1..].to_vec(),
+        })
+    }
+
     /// Checks that the stored dtype is a float type the engine reads.
     pub fn check_dtype(&self) -> Result<()> {
         float_dtype(&self.name, &self.path, &self.dtype).map(|_| ())
@@ -360,6 +384,14 @@ impl TensorLookup {
         self.checkpoint.contains(&self.full_name(name))
     }
 
+    /// Where `name` lies on disk, shape-checked, in whatever dtype it is stored (packed
+    /// formats such as MXFP4's `U8` blocks), without reading it.
+    pub fn byte_location(&self, name: &str, shape: &[usize]) -> Result<TensorLocation> {
+        let location = self.checkpoint.tensor_location(&self.full_name(name))?;
+        location.check_shape(shape)?;
+        Ok(location)
+    }
+
     /// Where `name` lies on disk, shape- and dtype-checked like [`TensorLookup::get`], without
     /// reading it.
     pub fn location(&self, name: &str, shape: &[usize]) -> Result<TensorLocation> {
@@ -382,5 +414,63 @@ impl TensorLookup {
     /// The underlying checkpoint.
     pub fn checkpoint(&self) -> &Arc<Checkpoint> {
         &self.checkpoint
+    }
+}
+
+#[cfg(test)]
+mod location_tests {
+    use std::collections::HashMap;
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    /// A location read with a plain positioned read decodes to what the mmap path reads, and
+    /// `slice_first` finds one entry of a stacked tensor.
+    #[test]
+    fn locations_read_like_the_mmap() {
+        let dir = std::env::temp_dir().join(format!("moe-loader-loc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stacked = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 2, 4))
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let other = Tensor::ones((5,), DType::F32, &Device::Cpu).unwrap();
+        let tensors = HashMap::from([("a.stacked".to_string(), stacked), ("b".to_string(), other)]);
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        let checkpoint = Arc::new(Checkpoint::open_dir(&dir).unwrap());
+        let lookup = TensorLookup::new(checkpoint.clone(), DType::F32, Device::Cpu);
+        let read = |location: &TensorLocation| -> Vec<u8> {
+            let mut bytes = vec![0u8; location.len];
+            std::fs::File::open(&location.path)
+                .unwrap()
+                .read_exact_at(&mut bytes, location.offset)
+                .unwrap();
+            bytes
+        };
+        let location = lookup.pp("a").location("stacked", &[3, 2, 4]).unwrap();
+        assert_eq!((location.dtype.as_str(), location.len), ("BF16", 48));
+        let whole = location
+            .to_tensor(&read(&location), DType::F32, &Device::Cpu)
+            .unwrap();
+        let mapped = lookup.get("a.stacked", &[3, 2, 4]).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&whole), flat(&mapped));
+        let second = location.slice_first(1, 3).unwrap();
+        assert_eq!(second.shape, vec![2, 4]);
+        let second = second
+            .to_tensor(&read(&second), DType::F32, &Device::Cpu)
+            .unwrap();
+        assert_eq!(flat(&second), (8..16).map(|v| v as f32).collect::<Vec<_>>());
+        // Wrong shapes, counts and lengths are errors, not panics.
+        assert!(lookup.location("b", &[4]).is_err());
+        assert!(location.slice_first(3, 3).is_err());
+        assert!(location.slice_first(0, 2).is_err());
+        assert!(location
+            .to_tensor(&[0u8; 4], DType::F32, &Device::Cpu)
+            .is_err());
+        assert!(lookup.location("missing", &[1]).is_err());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use moe_core::{Error, ExpertKey, Result};
 use moe_kernels::ExpertWeights;
-use moe_loader::TensorLookup;
+use moe_loader::{TensorLocation, TensorLookup};
 
 /// Checkpoint names of one expert's three projections, relative to the expert's prefix
 /// (`w1`/`w3`/`w2` for Mixtral, `gate_proj`/`up_proj`/`down_proj` elsewhere).
@@ -161,6 +161,27 @@ impl StackedExperts {
             .map(|b| block.get(b, &[e, 2 * i]))
             .transpose()?;
         let down_bias = self.down_bias.map(|b| block.get(b, &[e, h])).transpose()?;
+        self.cut(
+            &gate_up,
+            &down,
+            gate_up_bias.as_ref(),
+            down_bias.as_ref(),
+            e,
+            i,
+        )
+    }
+
+    /// Cuts `[E, 2I, H]` gate/up and `[E, H, I]` down matrices (and `[E, 2I]`, `[E, H]`
+    /// biases) into per-expert weights.
+    fn cut(
+        &self,
+        gate_up: &Tensor,
+        down: &Tensor,
+        gate_up_bias: Option<&Tensor>,
+        down_bias: Option<&Tensor>,
+        e: usize,
+        i: usize,
+    ) -> Result<Vec<ExpertWeights>> {
         // Splits the leading `2I` dimension of `t` ([2I, ..]) into gate and up.
         let split = |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
             let rest = &t.dims()[1..];
@@ -180,7 +201,7 @@ impl StackedExperts {
         (0..e)
             .map(|x| {
                 let (gate, up) = split(&gate_up.get(x)?.contiguous()?)?;
-                let (gate_bias, up_bias) = match &gate_up_bias {
+                let (gate_bias, up_bias) = match gate_up_bias {
                     Some(b) => {
                         let (g, u) = split(&b.get(x)?)?;
                         (Some(g.contiguous()?), Some(u.contiguous()?))
@@ -193,10 +214,7 @@ impl StackedExperts {
                     down: down.get(x)?.contiguous()?,
                     gate_bias,
                     up_bias,
-                    down_bias: down_bias
-                        .as_ref()
-                        .map(|b| b.get(x)?.contiguous())
-                        .transpose()?,
+                    down_bias: down_bias.map(|b| b.get(x)?.contiguous()).transpose()?,
                 })
             })
             .collect()
@@ -217,6 +235,185 @@ impl ExpertLayout {
                 .map(|e| names.load(&block.pp("experts").pp(e), hidden, intermediate))
                 .collect(),
             ExpertLayout::Stacked(stacked) => stacked.load(block, n_experts, hidden, intermediate),
+        }
+    }
+}
+
+/// Where one routed expert lies on disk and how its bytes become [`ExpertWeights`]: what a
+/// source that reads experts on demand (the tiered expert cache) needs, without knowing
+/// checkpoint names or layouts. Decoding gives exactly what [`ExpertLayout::load`] gives.
+#[derive(Debug, Clone)]
+pub struct ExpertOnDisk {
+    /// The byte ranges to read, in the order [`ExpertOnDisk::decode`] takes them.
+    pub tensors: Vec<TensorLocation>,
+    /// Bytes of the decoded weights ([`ExpertWeights::n_bytes`]).
+    pub ram_bytes: usize,
+    layout: ExpertLayout,
+    hidden: usize,
+    intermediate: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl ExpertOnDisk {
+    /// Decodes the expert from the bytes of [`ExpertOnDisk::tensors`], read in that order.
+    pub fn decode(&self, bytes: &[Vec<u8>]) -> Result<ExpertWeights> {
+        if bytes.len() != self.tensors.len() {
+            return Err(Error::InvalidRequest(format!(
+                "expert decode: {} buffers for {} tensors",
+                bytes.len(),
+                self.tensors.len()
+            )));
+        }
+        let (dtype, device, h, i) = (self.dtype, &self.device, self.hidden, self.intermediate);
+        let mut parts = self.tensors.iter().zip(bytes);
+        let mut float = || -> Result<Tensor> {
+            let (location, bytes) = parts.next().expect("counted above");
+            location.to_tensor(bytes, dtype, device)
+        };
+        match self.layout {
+            ExpertLayout::PerExpert(_) => Ok(ExpertWeights::new(float()?, float()?, float()?)),
+            ExpertLayout::Stacked(stacked) => {
+                let packed = |at: usize, out: usize, inp: usize| -> Result<Tensor> {
+                    crate::mxfp4::from_bytes(
+                        &bytes[at],
+                        &bytes[at + 1],
+                        (1, out, inp),
+                        dtype,
+                        device,
+                    )
+                };
+                // As in `StackedExperts::load`, with a leading expert dimension of 1.
+                let (gate_up, down, next) = match stacked.encoding {
+                    StackedEncoding::Dense(Orientation::OutIn) => {
+                        (float()?.unsqueeze(0)?, float()?.unsqueeze(0)?, 2)
+                    }
+                    StackedEncoding::Dense(Orientation::InOut) => (
+                        float()?.unsqueeze(0)?.transpose(1, 2)?,
+                        float()?.unsqueeze(0)?.transpose(1, 2)?,
+                        2,
+                    ),
+                    StackedEncoding::Mxfp4 => (packed(0, 2 * i, h)?, packed(2, h, i)?, 4),
+                };
+                let mut rest = self.tensors[next..].iter().zip(&bytes[next..]);
+                let mut bias = |present: bool| -> Result<Option<Tensor>> {
+                    if !present {
+                        return Ok(None);
+                    }
+                    let (location, bytes) = rest.next().expect("counted above");
+                    Ok(Some(
+                        location.to_tensor(bytes, dtype, device)?.unsqueeze(0)?,
+                    ))
+                };
+                let gate_up_bias = bias(stacked.gate_up_bias.is_some())?;
+                let down_bias = bias(stacked.down_bias.is_some())?;
+                let mut experts = stacked.cut(
+                    &gate_up,
+                    &down,
+                    gate_up_bias.as_ref(),
+                    down_bias.as_ref(),
+                    1,
+                    i,
+                )?;
+                Ok(experts.remove(0))
+            }
+        }
+    }
+}
+
+impl ExpertLayerLayout {
+    /// Where each expert of this layer lies on disk (shape-checked; nothing is read).
+    pub fn experts_on_disk(&self) -> Result<Vec<ExpertOnDisk>> {
+        let (e, h, i) = (self.n_experts, self.hidden, self.intermediate);
+        let block = &self.block;
+        let elem = block.dtype().size_in_bytes();
+        let on_disk = |tensors: Vec<TensorLocation>, ram_elems: usize| ExpertOnDisk {
+            tensors,
+            ram_bytes: ram_elems * elem,
+            layout: self.layout,
+            hidden: h,
+            intermediate: i,
+            dtype: block.dtype(),
+            device: block.device().clone(),
+        };
+        match self.layout {
+            ExpertLayout::PerExpert(names) => (0..e)
+                .map(|x| {
+                    let lookup = block.pp("experts").pp(x);
+                    Ok(on_disk(
+                        vec![
+                            lookup.location(&format!("{}.weight", names.gate), &[i, h])?,
+                            lookup.location(&format!("{}.weight", names.up), &[i, h])?,
+                            lookup.location(&format!("{}.weight", names.down), &[h, i])?,
+                        ],
+                        3 * h * i,
+                    ))
+                })
+                .collect(),
+            ExpertLayout::Stacked(stacked) => {
+                let u8_location = |name: String, shape: &[usize]| -> Result<TensorLocation> {
+                    let location = block.byte_location(&name, shape)?;
+                    if location.dtype != "U8" {
+                        return Err(Error::TensorDtype {
+                            name: location.name,
+                            path: location.path,
+                            dtype: location.dtype,
+                        });
+                    }
+                    Ok(location)
+                };
+                let mut whole = match stacked.encoding {
+                    StackedEncoding::Dense(Orientation::OutIn) => vec![
+                        block.location(stacked.gate_up, &[e, 2 * i, h])?,
+                        block.location(stacked.down, &[e, h, i])?,
+                    ],
+                    StackedEncoding::Dense(Orientation::InOut) => vec![
+                        block.location(stacked.gate_up, &[e, h, 2 * i])?,
+                        block.location(stacked.down, &[e, i, h])?,
+                    ],
+                    StackedEncoding::Mxfp4 => {
+                        let packed =
+                            |name: &str, out: usize, inp: usize| -> Result<[TensorLocation; 2]> {
+                                if !inp.is_multiple_of(crate::mxfp4::BLOCK) {
+                                    return Err(Error::InvalidRequest(format!(
+                                        "MXFP4 tensor {}: input size {inp} is not a multiple of {}",
+                                        block.full_name(name),
+                                        crate::mxfp4::BLOCK
+                                    )));
+                                }
+                                let groups = inp / crate::mxfp4::BLOCK;
+                                Ok([
+                                    u8_location(
+                                        format!("{name}_blocks"),
+                                        &[e, out, groups, crate::mxfp4::BLOCK / 2],
+                                    )?,
+                                    u8_location(format!("{name}_scales"), &[e, out, groups])?,
+                                ])
+                            };
+                        let mut v = Vec::from(packed(stacked.gate_up, 2 * i, h)?);
+                        v.extend(packed(stacked.down, h, i)?);
+                        v
+                    }
+                };
+                let mut ram_elems = 3 * h * i;
+                if let Some(b) = stacked.gate_up_bias {
+                    whole.push(block.location(b, &[e, 2 * i])?);
+                    ram_elems += 2 * i;
+                }
+                if let Some(b) = stacked.down_bias {
+                    whole.push(block.location(b, &[e, h])?);
+                    ram_elems += h;
+                }
+                (0..e)
+                    .map(|x| {
+                        let tensors = whole
+                            .iter()
+                            .map(|t| t.slice_first(x, e))
+                            .collect::<Result<Vec<_>>>()?;
+                        Ok(on_disk(tensors, ram_elems))
+                    })
+                    .collect()
+            }
         }
     }
 }

@@ -59,15 +59,36 @@ pub fn load_packed(
         &format!("{name}_scales"),
         &[n_experts, out_dim, groups],
     )?;
-    let values = dequantize(blocks, scales);
-    let tensor = Tensor::from_vec(
-        values,
+    from_bytes(
+        blocks,
+        scales,
         (n_experts, out_dim, in_dim),
-        &candle_core::Device::Cpu,
-    )?;
-    Ok(tensor
-        .to_dtype(lookup.dtype())?
-        .to_device(lookup.device())?)
+        lookup.dtype(),
+        lookup.device(),
+    )
+}
+
+/// Dequantizes packed `blocks` and `scales` (as stored) into a tensor of `shape` (its last
+/// dimension the logical input size) in `dtype` on `device`.
+pub fn from_bytes(
+    blocks: &[u8],
+    scales: &[u8],
+    shape: (usize, usize, usize),
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    if blocks.len() != scales.len() * BLOCK / 2
+        || scales.len() * BLOCK != shape.0 * shape.1 * shape.2
+    {
+        return Err(Error::InvalidRequest(format!(
+            "MXFP4: {} block bytes and {} scales do not make a {shape:?} matrix",
+            blocks.len(),
+            scales.len()
+        )));
+    }
+    let values = dequantize(blocks, scales);
+    let tensor = Tensor::from_vec(values, shape, &candle_core::Device::Cpu)?;
+    Ok(tensor.to_dtype(dtype)?.to_device(device)?)
 }
 
 /// The bytes of a `U8` tensor, shape-checked.

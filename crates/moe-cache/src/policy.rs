@@ -1,0 +1,229 @@
+//! Eviction policies. A policy tracks which experts are resident and picks the one to drop
+//! when the budget needs room; it never sees routing and never decides what is loaded.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+
+use moe_core::{Error, ExpertKey};
+
+/// Decides which resident expert to evict. The cache calls it under its lock.
+pub trait CachePolicy: Send {
+    /// Short name for statistics (`lru`, `lfu-decay`).
+    fn name(&self) -> &'static str;
+    /// `key` was looked up and found resident.
+    fn on_hit(&mut self, key: ExpertKey);
+    /// `key` was read from disk and is now resident.
+    fn on_insert(&mut self, key: ExpertKey);
+    /// Picks a resident expert to evict and stops tracking it as resident; `None` when none is
+    /// resident.
+    fn evict(&mut self) -> Option<ExpertKey>;
+}
+
+/// Which policy `--expert-policy` chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PolicyKind {
+    /// Least recently used (the baseline).
+    #[default]
+    Lru,
+    /// Least frequently used, with counts that halve every `half_life` lookups.
+    LfuDecay,
+}
+
+impl PolicyKind {
+    /// A fresh policy. `lookups_per_token` (Σ top_k over MoE layers) sets LFU's half-life to
+    /// [`LfuDecay::HALF_LIFE_TOKENS`] tokens' worth of lookups.
+    pub fn build(self, lookups_per_token: usize) -> Box<dyn CachePolicy> {
+        match self {
+            PolicyKind::Lru => Box::new(Lru::default()),
+            PolicyKind::LfuDecay => Box::new(LfuDecay::new(
+                (LfuDecay::HALF_LIFE_TOKENS * lookups_per_token.max(1)) as f64,
+            )),
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyKind::Lru => "lru",
+            PolicyKind::LfuDecay => "lfu-decay",
+        })
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "lru" => Ok(PolicyKind::Lru),
+            "lfu-decay" | "lfu_decay" | "lfu" => Ok(PolicyKind::LfuDecay),
+            other => Err(Error::InvalidRequest(format!(
+                "--expert-policy `{other}`: expected lru or lfu-decay"
+            ))),
+        }
+    }
+}
+
+/// Least recently used: evicts the resident expert whose last use is oldest.
+#[derive(Debug, Default)]
+pub struct Lru {
+    tick: u64,
+    last_use: HashMap<ExpertKey, u64>,
+    by_age: BTreeMap<u64, ExpertKey>,
+}
+
+impl Lru {
+    fn touch(&mut self, key: ExpertKey) {
+        self.tick += 1;
+        if let Some(old) = self.last_use.insert(key, self.tick) {
+            self.by_age.remove(&old);
+        }
+        self.by_age.insert(self.tick, key);
+    }
+}
+
+impl CachePolicy for Lru {
+    fn name(&self) -> &'static str {
+        "lru"
+    }
+
+    fn on_hit(&mut self, key: ExpertKey) {
+        self.touch(key);
+    }
+
+    fn on_insert(&mut self, key: ExpertKey) {
+        self.touch(key);
+    }
+
+    fn evict(&mut self) -> Option<ExpertKey> {
+        let (_, key) = self.by_age.pop_first()?;
+        self.last_use.remove(&key);
+        Some(key)
+    }
+}
+
+/// Least frequently used with exponential decay: each use adds 1 to an expert's score, and
+/// scores halve every `half_life` lookups (of any expert), so old popularity fades. Scores are
+/// remembered across evictions; ties go to the least recently used.
+#[derive(Debug)]
+pub struct LfuDecay {
+    /// Per-lookup decay factor, `0.5^(1 / half_life)`.
+    decay: f64,
+    tick: u64,
+    /// `(score at last_tick, last_tick)` of every expert ever used.
+    scores: HashMap<ExpertKey, (f64, u64)>,
+    resident: HashSet<ExpertKey>,
+}
+
+impl LfuDecay {
+    /// Default half-life in tokens (see [`PolicyKind::build`]).
+    pub const HALF_LIFE_TOKENS: usize = 16;
+
+    /// A policy whose scores halve every `half_life` lookups.
+    pub fn new(half_life: f64) -> Self {
+        Self {
+            decay: 0.5f64.powf(1.0 / half_life.max(1.0)),
+            tick: 0,
+            scores: HashMap::new(),
+            resident: HashSet::new(),
+        }
+    }
+
+    fn score_now(&self, key: &ExpertKey) -> (f64, u64) {
+        match self.scores.get(key) {
+            Some(&(score, last)) => (score * self.decay.powf((self.tick - last) as f64), last),
+            None => (0.0, 0),
+        }
+    }
+
+    fn touch(&mut self, key: ExpertKey) {
+        self.tick += 1;
+        let (score, _) = self.score_now(&key);
+        self.scores.insert(key, (score + 1.0, self.tick));
+    }
+}
+
+impl CachePolicy for LfuDecay {
+    fn name(&self) -> &'static str {
+        "lfu-decay"
+    }
+
+    fn on_hit(&mut self, key: ExpertKey) {
+        self.touch(key);
+    }
+
+    fn on_insert(&mut self, key: ExpertKey) {
+        self.touch(key);
+        self.resident.insert(key);
+    }
+
+    fn evict(&mut self) -> Option<ExpertKey> {
+        let victim = self
+            .resident
+            .iter()
+            .map(|k| (self.score_now(k), *k))
+            .min_by(|((a, ta), ka), ((b, tb), kb)| a.total_cmp(b).then(ta.cmp(tb)).then(ka.cmp(kb)))
+            .map(|(_, k)| k)?;
+        self.resident.remove(&victim);
+        Some(victim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(expert: usize) -> ExpertKey {
+        ExpertKey { layer: 0, expert }
+    }
+
+    #[test]
+    fn lru_evicts_least_recent() {
+        let mut p = Lru::default();
+        p.on_insert(k(0));
+        p.on_insert(k(1));
+        p.on_insert(k(2));
+        p.on_hit(k(0));
+        assert_eq!(p.evict(), Some(k(1)));
+        assert_eq!(p.evict(), Some(k(2)));
+        assert_eq!(p.evict(), Some(k(0)));
+        assert_eq!(p.evict(), None);
+    }
+
+    #[test]
+    fn lfu_evicts_least_frequent_and_decays() {
+        let mut p = LfuDecay::new(1e9);
+        p.on_insert(k(0));
+        p.on_hit(k(0));
+        p.on_hit(k(0));
+        p.on_insert(k(1));
+        p.on_insert(k(2));
+        p.on_hit(k(2));
+        assert_eq!(p.evict(), Some(k(1)));
+        assert_eq!(p.evict(), Some(k(2)));
+        // With a short half-life, recent use beats old frequency.
+        let mut p = LfuDecay::new(1.0);
+        p.on_insert(k(0));
+        for _ in 0..5 {
+            p.on_hit(k(0));
+        }
+        p.on_insert(k(1));
+        for _ in 0..10 {
+            p.on_hit(k(1));
+        }
+        assert_eq!(p.evict(), Some(k(0)));
+    }
+
+    #[test]
+    fn policy_names_parse() {
+        assert_eq!("lru".parse::<PolicyKind>().unwrap(), PolicyKind::Lru);
+        assert_eq!(
+            "LFU-decay".parse::<PolicyKind>().unwrap(),
+            PolicyKind::LfuDecay
+        );
+        assert!("fifo".parse::<PolicyKind>().is_err());
+        assert_eq!(PolicyKind::LfuDecay.build(4).name(), "lfu-decay");
+    }
+}

@@ -1,0 +1,342 @@
+//! The tiered expert cache (`moe-cache`) behind the engine: with budgets of 25 %, 50 % and
+//! 100 % of the routed-expert bytes and either policy, greedy tokens are those of the
+//! fully-resident run and of transformers; the statistics add up; a budget below one layer's
+//! working set fails at load naming the minimum.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use moe_cache::{ExpertBudget, PolicyKind, TieredExpertsBuilder};
+use moe_core::Routing;
+use moe_engine::{
+    Engine, EngineOptions, ExpertCacheStats, GenerateRequest, Prompt, SamplingParams,
+};
+use moe_models::{
+    load_decoder, ForwardContext, LoadOptions, LogitsWanted, RoutingObserver, SequenceInput,
+};
+use moe_tests::{fixture_dir, Reference};
+
+fn engine(
+    name: &str,
+    budget: Option<ExpertBudget>,
+    policy: PolicyKind,
+) -> moe_core::Result<Engine> {
+    Engine::load(&EngineOptions {
+        model: Some(fixture_dir(name).display().to_string()),
+        expert_budget: budget,
+        expert_policy: policy,
+        ..Default::default()
+    })
+}
+
+fn greedy(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let request = GenerateRequest {
+        prompt: Prompt::TokenIds(prompt.to_vec()),
+        max_new_tokens: n,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ignore_eos: true,
+        ..Default::default()
+    };
+    engine
+        .generate(&request, &mut |_| {})
+        .unwrap()
+        .generated_token_ids
+}
+
+/// Invariants every snapshot must satisfy.
+fn check_consistent(name: &str, s: &ExpertCacheStats, expert_bytes: u64) {
+    assert_eq!(s.hits + s.misses, s.lookups, "{name}: hits + misses");
+    let histogram: u64 = s.layer_usage.iter().flat_map(|l| &l.counts).sum();
+    assert_eq!(
+        histogram, s.lookups,
+        "{name}: usage histogram sums to the lookups"
+    );
+    assert!(
+        s.resident_bytes <= s.budget_bytes,
+        "{name}: resident over budget"
+    );
+    assert!(
+        s.resident_high_water_bytes <= s.budget_bytes,
+        "{name}: high-water {} over budget {}",
+        s.resident_high_water_bytes,
+        s.budget_bytes
+    );
+    // Every miss reads exactly one expert's three matrices (f32 on disk, f32 in RAM).
+    assert_eq!(s.bytes_read, s.misses * expert_bytes, "{name}: bytes read");
+    assert_eq!(
+        s.resident_bytes,
+        s.resident_experts as u64 * expert_bytes,
+        "{name}: resident bytes"
+    );
+    // What is resident is what came in minus what went out.
+    assert_eq!(
+        s.misses - s.evictions,
+        s.resident_experts as u64,
+        "{name}: misses − evictions = resident (one thread, no racing reads)"
+    );
+}
+
+// Every MoE fixture in f32, per-expert and stacked (GPT-OSS, Granite) layouts, in groups that
+// run in parallel.
+
+#[test]
+fn budgets_generate_the_resident_tokens_mixtral_qwen() {
+    check_budgets(&[
+        "mixtral",
+        "qwen3_moe",
+        "qwen3_moe-nonorm",
+        "qwen2_moe",
+        "qwen2_moe-normtopk",
+    ]);
+}
+
+#[test]
+fn budgets_generate_the_resident_tokens_olmoe_phimoe() {
+    check_budgets(&["olmoe", "olmoe-normtopk", "phimoe"]);
+}
+
+#[test]
+fn budgets_generate_the_resident_tokens_deepseek() {
+    check_budgets(&[
+        "deepseek_v2",
+        "deepseek_v2-lite",
+        "deepseek_v3",
+        "deepseek_v3-nonorm",
+    ]);
+}
+
+#[test]
+fn budgets_generate_the_resident_tokens_stacked_layouts() {
+    check_budgets(&["gpt_oss", "granitemoe"]);
+}
+
+/// For each fixture, budget (25, 50, 100 %) and policy: greedy tokens equal the resident run's,
+/// which equal transformers'; statistics consistent after every request. Prints hit rates
+/// (`--nocapture`).
+fn check_budgets(fixtures: &[&str]) {
+    let mut report = Vec::new();
+    for &name in fixtures {
+        let reference = Reference::load(name).unwrap();
+        let resident = engine(name, None, PolicyKind::Lru).unwrap();
+        assert!(resident.expert_cache_stats().is_none());
+        let expected: Vec<Vec<u32>> = reference
+            .prompts
+            .iter()
+            .map(|p| greedy(&resident, &p.input_ids, p.greedy_new_tokens.len()))
+            .collect();
+        for (p, tokens) in reference.prompts.iter().zip(&expected) {
+            assert_eq!(
+                tokens, &p.greedy_new_tokens,
+                "{name}: resident run vs transformers"
+            );
+        }
+        let total = resident.model().experts().resident_bytes() as u64;
+        let n_experts: usize = resident.summary().n_experts * resident.summary().moe_layers.len();
+        let expert_bytes = total / n_experts as u64;
+        for policy in [PolicyKind::Lru, PolicyKind::LfuDecay] {
+            for percent in [25.0, 50.0, 100.0] {
+                let budget = ExpertBudget::Percent(percent);
+                let minimum = expert_bytes * resident.summary().top_k as u64;
+                if budget.resolve(total) < minimum {
+                    // Few experts per layer (deepseek_v2-lite: top-3 of 8): 25 % is below one
+                    // layer's working set, which must be refused.
+                    let err = engine(name, Some(budget), policy)
+                        .err()
+                        .unwrap()
+                        .to_string();
+                    assert!(
+                        err.contains(&format!("the minimum is {minimum} bytes")),
+                        "{err}"
+                    );
+                    report.push(format!(
+                        "{name:>20} {policy:>9} {percent:>5}%: below the minimum"
+                    ));
+                    continue;
+                }
+                let cached = engine(name, Some(budget), policy)
+                    .unwrap_or_else(|e| panic!("{name} {percent}%: {e}"));
+                let start = cached.expert_cache_stats().unwrap();
+                assert_eq!(start.lookups, 0, "{name}: nothing is read at load");
+                assert_eq!(start.resident_bytes, 0);
+                assert_eq!(start.expert_bytes_total, total);
+                assert_eq!(start.budget_bytes, (total as f64 * percent / 100.0) as u64);
+                for (p, want) in reference.prompts.iter().zip(&expected) {
+                    let got = greedy(&cached, &p.input_ids, want.len());
+                    assert_eq!(&got, want, "{name}, {policy}, budget {percent}%");
+                    check_consistent(name, &cached.expert_cache_stats().unwrap(), expert_bytes);
+                }
+                let s = cached.expert_cache_stats().unwrap();
+                let used = s
+                    .layer_usage
+                    .iter()
+                    .flat_map(|l| &l.counts)
+                    .filter(|&&c| c > 0)
+                    .count();
+                if percent == 100.0 {
+                    assert_eq!(s.evictions, 0, "{name}: everything fits");
+                    assert_eq!(
+                        s.misses as usize, used,
+                        "{name}: each used expert read once"
+                    );
+                } else {
+                    assert!(s.misses as usize >= used);
+                }
+                report.push(format!(
+                    "{name:>20} {policy:>9} {percent:>5}%: hit rate {:5.1} % ({} lookups, {} evictions)",
+                    100.0 * s.hit_rate,
+                    s.lookups,
+                    s.evictions
+                ));
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// Counts, per forward pass and layer, the distinct experts any row was routed to: exactly the
+/// `ExpertSource::expert` calls the MoE block makes.
+#[derive(Default)]
+struct DistinctExperts {
+    total: u64,
+}
+
+impl RoutingObserver for DistinctExperts {
+    fn on_routing(&mut self, _layer: usize, _logits: &Tensor, routing: &Routing) {
+        let ids = routing.expert_ids.to_vec2::<u32>().unwrap();
+        let distinct: BTreeSet<u32> = ids.into_iter().flatten().collect();
+        self.total += distinct.len() as u64;
+    }
+}
+
+#[test]
+fn lookups_are_the_routed_experts() {
+    for name in ["qwen3_moe", "deepseek_v3"] {
+        let builder = Arc::new(TieredExpertsBuilder::new(
+            ExpertBudget::Percent(30.0),
+            PolicyKind::Lru,
+        ));
+        let options = LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            expert_source: Some(builder.clone()),
+        };
+        let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
+        let cache = builder.built().unwrap();
+        let reference = Reference::load(name).unwrap();
+        let mut observer = DistinctExperts::default();
+        let mut caches: Vec<_> = reference
+            .prompts
+            .iter()
+            .map(|_| model.new_cache())
+            .collect();
+        // One batched prefill of every prompt, then a decode step.
+        for step in 0..2 {
+            let last: Vec<u32> = reference
+                .prompts
+                .iter()
+                .map(|p| p.greedy_new_tokens[0])
+                .collect();
+            let mut batch: Vec<SequenceInput> = reference
+                .prompts
+                .iter()
+                .zip(caches.iter_mut())
+                .zip(&last)
+                .map(|((p, cache), t)| SequenceInput {
+                    tokens: if step == 0 {
+                        &p.input_ids[..]
+                    } else {
+                        std::slice::from_ref(t)
+                    },
+                    cache,
+                    logits: LogitsWanted::Last,
+                })
+                .collect();
+            model
+                .forward(
+                    &mut batch,
+                    ForwardContext {
+                        observer: Some(&mut observer),
+                    },
+                )
+                .unwrap();
+        }
+        let s = cache.stats();
+        assert!(observer.total > 0);
+        assert_eq!(
+            s.lookups, observer.total,
+            "{name}: one lookup per active expert per layer"
+        );
+        assert_eq!(s.hits + s.misses, observer.total);
+        assert!(s.resident_high_water_bytes <= s.budget_bytes);
+        assert!(s.evictions > 0, "{name}: 30 % forces evictions");
+        cache.reset_stats();
+        let s = cache.stats();
+        assert_eq!((s.lookups, s.hits, s.misses, s.bytes_read), (0, 0, 0, 0));
+    }
+}
+
+#[test]
+fn too_small_budget_fails_at_load_naming_the_minimum() {
+    for name in ["mixtral", "deepseek_v3"] {
+        let resident = engine(name, None, PolicyKind::Lru).unwrap();
+        let summary = resident.summary();
+        let total = resident.model().experts().resident_bytes() as u64;
+        let per_expert = total / (summary.n_experts * summary.moe_layers.len()) as u64;
+        let minimum = per_expert * summary.top_k as u64;
+        let err = engine(
+            name,
+            Some(ExpertBudget::Bytes(minimum - 1)),
+            PolicyKind::Lru,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{name}: a budget of minimum − 1 loads"))
+        .to_string();
+        assert!(
+            err.contains(&format!("the minimum is {minimum} bytes")),
+            "{name}: {err}"
+        );
+        assert!(!err.contains('\n'), "one line: {err}");
+        // Exactly the minimum loads and still generates the resident tokens.
+        let tight = engine(
+            name,
+            Some(ExpertBudget::Bytes(minimum)),
+            PolicyKind::LfuDecay,
+        )
+        .unwrap();
+        let reference = Reference::load(name).unwrap();
+        let p = &reference.prompts[0];
+        assert_eq!(greedy(&tight, &p.input_ids, 10), p.greedy_new_tokens[..10]);
+        let s = tight.expert_cache_stats().unwrap();
+        assert!(s.resident_high_water_bytes <= minimum);
+        assert!(s.evictions > 0);
+    }
+}
+
+/// Threads sharing one engine share its cache: a miss reads outside the lock, so two threads
+/// may read the same expert at once; tokens stay those of the resident run and the budget holds.
+#[test]
+fn threads_share_one_cache() {
+    let name = "qwen3_moe";
+    let reference = Reference::load(name).unwrap();
+    let cached = engine(name, Some(ExpertBudget::Percent(25.0)), PolicyKind::Lru).unwrap();
+    std::thread::scope(|scope| {
+        for round in 0..4 {
+            for p in &reference.prompts {
+                let cached = &cached;
+                scope.spawn(move || {
+                    let n = 10 + round;
+                    let got = greedy(cached, &p.input_ids, n);
+                    assert_eq!(got, p.greedy_new_tokens[..n]);
+                });
+            }
+        }
+    });
+    let s = cached.expert_cache_stats().unwrap();
+    assert_eq!(s.hits + s.misses, s.lookups);
+    assert!(s.resident_high_water_bytes <= s.budget_bytes);
+    assert!(s.misses >= s.evictions + s.resident_experts as u64);
+}
