@@ -87,18 +87,7 @@ fn route_cpu(logits: &Tensor, spec: &RoutingSpec) -> Result<Routing> {
             | ScoringFunction::SoftmaxGroupLimited(_)
             | ScoringFunction::SigmoidGroupLimited(_) => unreachable!("routed by choice_cpu"),
         }
-        order.clear();
-        order.extend(0..n_experts as u32);
-        // Partial selection then a sort of the k winners: O(E + k log k).
-        let by_score = |a: &u32, b: &u32| {
-            scores[*b as usize]
-                .total_cmp(&scores[*a as usize])
-                .then(a.cmp(b))
-        };
-        if k < n_experts {
-            order.select_nth_unstable_by(k - 1, by_score);
-        }
-        order[..k].sort_unstable_by(by_score);
+        select_top_k(&scores, k, &mut order);
         let row_ids = &mut ids[row * k..(row + 1) * k];
         let row_weights = &mut weights[row * k..(row + 1) * k];
         for (slot, &expert) in order[..k].iter().enumerate() {
@@ -119,6 +108,22 @@ fn route_cpu(logits: &Tensor, spec: &RoutingSpec) -> Result<Routing> {
 }
 
 /// torch's f32 softmax (the router's `softmax(logits.float())`), bit for bit.
+/// Fills `order[..k]` with the ids of the `k` largest `keys`, largest first (ties: lower id
+/// first). Partial selection then a sort of the winners: O(E + k log k), no allocation.
+fn select_top_k(keys: &[f32], k: usize, order: &mut Vec<u32>) {
+    order.clear();
+    order.extend(0..keys.len() as u32);
+    let by_key = |a: &u32, b: &u32| {
+        keys[*b as usize]
+            .total_cmp(&keys[*a as usize])
+            .then(a.cmp(b))
+    };
+    if k < keys.len() {
+        order.select_nth_unstable_by(k - 1, by_key);
+    }
+    order[..k].sort_unstable_by(by_key);
+}
+
 fn softmax_into(logits: &[f32], out: &mut [f32]) {
     crate::softmax::softmax_row(logits, out);
 }
@@ -426,17 +431,7 @@ fn choice_cpu(logits: &Tensor, bias: Option<&Tensor>, spec: &RoutingSpec) -> Res
                 choice[g * group_size..(g + 1) * group_size].fill(f32::NEG_INFINITY);
             }
         }
-        order.clear();
-        order.extend(0..n_experts as u32);
-        let by_choice = |a: &u32, b: &u32| {
-            choice[*b as usize]
-                .total_cmp(&choice[*a as usize])
-                .then(a.cmp(b))
-        };
-        if k < n_experts {
-            order.select_nth_unstable_by(k - 1, by_choice);
-        }
-        order[..k].sort_unstable_by(by_choice);
+        select_top_k(&choice, k, &mut order);
         let row_ids = &mut ids[row * k..(row + 1) * k];
         let row_weights = &mut weights[row * k..(row + 1) * k];
         for (slot, &expert) in order[..k].iter().enumerate() {
