@@ -78,6 +78,17 @@ pub struct RoutingSpec {
 }
 
 impl RoutingSpec {
+    /// Top-k over the raw logits, softmax over the chosen, no scale (GPT-OSS, Granite).
+    pub fn top_k_then_softmax(n_experts: usize, top_k: usize) -> Self {
+        Self {
+            n_experts,
+            top_k,
+            scoring: ScoringFunction::TopKThenSoftmax,
+            renormalize: false,
+            scaling_factor: 1.0,
+        }
+    }
+
     /// Softmax over all experts, top-k, optionally renormalised, no scale (Mixtral, Qwen, OLMoE).
     pub fn softmax_top_k(n_experts: usize, top_k: usize, renormalize: bool) -> Self {
         Self {

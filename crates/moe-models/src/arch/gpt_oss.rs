@@ -3,7 +3,7 @@
 //! stacked experts (`gate_up_proj` interleaved, `[in, out]`, with biases; MXFP4 in released
 //! checkpoints) with the clamped SwiGLU, YaRN rope.
 
-use moe_core::{Result, RoutingSpec, ScoringFunction};
+use moe_core::{Result, RoutingSpec};
 use moe_kernels::ExpertActivation;
 use moe_loader::ConfigFile;
 
@@ -66,13 +66,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
             ..RouterRecipe::GATE
         },
         activation: ExpertActivation::ClampedSwiGlu { alpha, limit },
-        routing: RoutingSpec {
-            n_experts,
-            top_k,
-            scoring: ScoringFunction::TopKThenSoftmax,
-            renormalize: false,
-            scaling_factor: 1.0,
-        },
+        routing: RoutingSpec::top_k_then_softmax(n_experts, top_k),
         // The top-k softmax runs in the logits' dtype.
         round_weights: true,
         shared: None,

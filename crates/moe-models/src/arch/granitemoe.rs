@@ -2,7 +2,7 @@
 //! attention scale, logits divisor), stacked experts (`input_linear` gate;up,
 //! `output_linear`), router `router.layer`, top-k over the logits then softmax.
 
-use moe_core::{Result, RoutingSpec, ScoringFunction};
+use moe_core::{Result, RoutingSpec};
 use moe_kernels::ExpertActivation;
 use moe_loader::ConfigFile;
 
@@ -37,13 +37,7 @@ pub(crate) fn recipe(cfg: &ConfigFile) -> Result<DecoderRecipe> {
             ..RouterRecipe::GATE
         },
         activation: ExpertActivation::SiluGlu,
-        routing: RoutingSpec {
-            n_experts,
-            top_k,
-            scoring: ScoringFunction::TopKThenSoftmax,
-            renormalize: false,
-            scaling_factor: 1.0,
-        },
+        routing: RoutingSpec::top_k_then_softmax(n_experts, top_k),
         // `softmax(top_k_logits).type_as(hidden_states)`.
         round_weights: true,
         shared: None,
