@@ -2,32 +2,19 @@
 //! mscale, routing, dense/MoE placement) and reject what they do not implement, naming the
 //! field. Each case edits the config.json of a DeepSeek fixture in memory.
 
-use moe_core::{Error, GroupLimit, GroupScore, Result, ScoringFunction};
-use moe_loader::ConfigFile;
+use moe_core::{GroupLimit, GroupScore, Result, ScoringFunction};
 use moe_models::blocks::mla::RopeLayout;
 use moe_models::decoder::{DecoderRecipe, FfnRecipe, MoeRecipe};
-use moe_models::find_architecture;
-use moe_tests::fixture_dir;
 use serde_json::{json, Map, Value};
 
 /// The recipe for fixture `name`'s config.json after `edit`.
 fn recipe(name: &str, edit: impl FnOnce(&mut Map<String, Value>)) -> Result<DecoderRecipe> {
-    let path = fixture_dir(name).join("config.json");
-    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(json.as_object_mut().unwrap());
-    let cfg = ConfigFile::from_value(path, json);
-    (find_architecture(&cfg)?.recipe)(&cfg)
+    moe_tests::edited_recipe(name, edit)
 }
 
 /// Asserts a config error about `field`.
 fn rejects(result: Result<DecoderRecipe>, field: &str) {
-    match result {
-        Err(Error::Config {
-            field: f, message, ..
-        }) => assert_eq!(f, field, "error names the wrong field: {message}"),
-        Err(e) => panic!("expected a config error about `{field}`, got: {e}"),
-        Ok(_) => panic!("expected a config error about `{field}`, the config was accepted"),
-    }
+    moe_tests::assert_rejects_field(result, field)
 }
 
 /// The MoE layers' recipe and which layers are sparse.

@@ -2,34 +2,19 @@
 //! that changes their output and reject the values they do not implement, naming the field.
 //! Each case edits the config.json of a dense fixture in memory.
 
-use moe_core::{Error, Result};
-use moe_loader::ConfigFile;
+use moe_core::Result;
 use moe_models::blocks::attention::QkNorm;
 use moe_models::decoder::{DecoderRecipe, FfnRecipe};
-use moe_models::find_architecture;
-use moe_tests::fixture_dir;
 use serde_json::{json, Map, Value};
 
 /// The recipe for fixture `name`'s config.json after `edit`.
 fn recipe(name: &str, edit: impl FnOnce(&mut Map<String, Value>)) -> Result<DecoderRecipe> {
-    let path = fixture_dir(name).join("config.json");
-    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(json.as_object_mut().unwrap());
-    let cfg = ConfigFile::from_value(path, json);
-    (find_architecture(&cfg)?.recipe)(&cfg)
+    moe_tests::edited_recipe(name, edit)
 }
 
 /// Asserts a config error about `field`.
 fn rejects(result: Result<DecoderRecipe>, field: &str) {
-    match result {
-        Err(Error::Config {
-            field: f, message, ..
-        }) => {
-            assert_eq!(f, field, "error names the wrong field: {message}")
-        }
-        Err(e) => panic!("expected a config error about `{field}`, got: {e}"),
-        Ok(_) => panic!("expected a config error about `{field}`, the config was accepted"),
-    }
+    moe_tests::assert_rejects_field(result, field)
 }
 
 fn all_dense(r: &DecoderRecipe) -> bool {

@@ -97,3 +97,32 @@ pub fn argmax(v: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// The architecture recipe for fixture `name`'s config.json after `edit` (config tests).
+pub fn edited_recipe(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> moe_core::Result<moe_models::decoder::DecoderRecipe> {
+    let path = fixture_dir(name).join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(json.as_object_mut().unwrap());
+    let cfg = moe_loader::ConfigFile::from_value(path, json);
+    (moe_models::find_architecture(&cfg)?.recipe)(&cfg)
+}
+
+/// Asserts `result` is a config error naming `field`.
+pub fn assert_rejects_field(
+    result: moe_core::Result<moe_models::decoder::DecoderRecipe>,
+    field: &str,
+) {
+    match result {
+        Err(moe_core::Error::Config {
+            field: f, message, ..
+        }) => {
+            assert_eq!(f, field, "error names the wrong field: {message}")
+        }
+        Err(e) => panic!("expected a config error about `{field}`, got: {e}"),
+        Ok(_) => panic!("expected a config error about `{field}`, the config was accepted"),
+    }
+}

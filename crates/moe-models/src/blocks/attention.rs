@@ -241,7 +241,7 @@ impl Attention {
 
 /// `[n_new, n_keys]` f32: 0 where query i (at position n_past + i) may see key j (at position
 /// first_key + j), -inf elsewhere: causal, and within `window` when there is one.
-fn causal_mask(
+pub(crate) fn causal_mask(
     n_new: usize,
     n_keys: usize,
     n_past: usize,

@@ -15,7 +15,7 @@ use moe_core::{Error, Result};
 use moe_kernels::{matmul_nn, matmul_nt, softmax_last_dim, SumOrder};
 use moe_loader::TensorLookup;
 
-use crate::blocks::attention::{AttentionConfig, SequenceSlot};
+use crate::blocks::attention::{causal_mask, AttentionConfig, SequenceSlot};
 use crate::blocks::linear::Linear;
 use crate::blocks::norm::RmsNorm;
 use crate::blocks::rope::RotaryEmbedding;
@@ -237,7 +237,7 @@ impl LatentAttention {
             .to_dtype(q.dtype())?
             .to_dtype(DType::F32)?;
         let scores = if n_new > 1 {
-            scores.broadcast_add(&causal_mask(n_new, n_keys, n_past, q.device())?)?
+            scores.broadcast_add(&causal_mask(n_new, n_keys, n_past, 0, None, q.device())?)?
         } else {
             scores
         };
@@ -246,25 +246,4 @@ impl LatentAttention {
         let out = matmul_nn(&probs, v, pv_order)?.transpose(0, 1)?;
         Ok(out.reshape((n_new, n_heads * dv))?)
     }
-}
-
-/// `[n_new, n_keys]` f32: 0 where query i (at position n_past + i) may see key j, -inf elsewhere.
-fn causal_mask(
-    n_new: usize,
-    n_keys: usize,
-    n_past: usize,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..n_new)
-        .flat_map(|i| {
-            (0..n_keys).map(move |j| {
-                if j <= n_past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (n_new, n_keys), device)?)
 }
