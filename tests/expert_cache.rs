@@ -1,7 +1,8 @@
 //! The tiered expert cache (`moe-cache`) behind the engine: with budgets of 25 %, 50 % and
-//! 100 % of the routed-expert bytes and either policy, greedy tokens are those of the
-//! fully-resident run and of transformers; the statistics add up; a budget below one layer's
-//! working set fails at load naming the minimum.
+//! 100 % of the routed-expert bytes and every policy, greedy tokens are those of the
+//! fully-resident run and of transformers; the statistics add up; the bytes held (resident,
+//! in use, being read) never exceed the budget, across fixtures and threads; a budget below
+//! one expert's read fails at load naming the minimum.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -47,7 +48,13 @@ fn greedy(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
         .generated_token_ids
 }
 
-/// Invariants every snapshot must satisfy.
+/// The smallest budget `name` loads with (one expert's read), from a 100 % cache's statistics.
+fn minimum_budget(name: &str) -> u64 {
+    let cache = engine(name, Some(ExpertBudget::Percent(100.0)), PolicyKind::Lru).unwrap();
+    cache.expert_cache_stats().unwrap().min_budget_bytes
+}
+
+/// Invariants every snapshot must satisfy (after `wait_idle`: no read half-counted).
 fn check_consistent(name: &str, s: &ExpertCacheStats, expert_bytes: u64) {
     assert_eq!(s.hits + s.misses, s.lookups, "{name}: hits + misses");
     let histogram: u64 = s.layer_usage.iter().flat_map(|l| &l.counts).sum();
@@ -60,13 +67,32 @@ fn check_consistent(name: &str, s: &ExpertCacheStats, expert_bytes: u64) {
         "{name}: resident over budget"
     );
     assert!(
-        s.resident_high_water_bytes <= s.budget_bytes,
-        "{name}: high-water {} over budget {}",
-        s.resident_high_water_bytes,
+        s.peak_bytes <= s.budget_bytes,
+        "{name}: peak {} over budget {}",
+        s.peak_bytes,
         s.budget_bytes
     );
-    // Every miss reads exactly one expert's three matrices (f32 on disk, f32 in RAM).
-    assert_eq!(s.bytes_read, s.misses * expert_bytes, "{name}: bytes read");
+    // A read reserves its buffers and decoded weights: the peak is at least one read's worth.
+    assert!(
+        s.peak_bytes >= s.min_budget_bytes,
+        "{name}: peak counts reads"
+    );
+    assert!(
+        s.min_budget_bytes > expert_bytes,
+        "{name}: a read holds more than the weights"
+    );
+    // Only a full cache evicts: after the last eviction, the expert read fit only just.
+    assert!(
+        s.evictions == 0 || s.resident_bytes + s.min_budget_bytes > s.budget_bytes,
+        "{name}: evicted with room to spare"
+    );
+    // Every read (lookup miss or prefetch) reads exactly one expert's three matrices (f32 on
+    // disk, f32 in RAM).
+    assert_eq!(
+        s.bytes_read,
+        (s.misses + s.prefetches) * expert_bytes,
+        "{name}: bytes read"
+    );
     assert_eq!(
         s.resident_bytes,
         s.resident_experts as u64 * expert_bytes,
@@ -74,10 +100,31 @@ fn check_consistent(name: &str, s: &ExpertCacheStats, expert_bytes: u64) {
     );
     // What is resident is what came in minus what went out.
     assert_eq!(
-        s.misses - s.evictions,
+        s.misses + s.prefetches - s.evictions,
         s.resident_experts as u64,
-        "{name}: misses − evictions = resident (one thread, no racing reads)"
+        "{name}: misses + prefetches − evictions = resident"
     );
+    assert_eq!(
+        s.prefetches,
+        s.prefetch_hits + s.prefetch_wasted + s.prefetch_pending,
+        "{name}: every prefetch is used, wasted or pending"
+    );
+    assert!(s.prefetch_late <= s.prefetch_hits);
+    assert!(s.guessed_correctly <= s.guessed_layer_experts);
+    assert!(s.tokens > 0, "{name}: tokens counted");
+    assert_eq!(s.bytes_per_token, s.bytes_read as f64 / s.tokens as f64);
+    if s.policy == "prefetch" {
+        assert!(s.guessed_layer_experts > 0, "{name}: layers were guessed");
+    } else {
+        assert_eq!((s.prefetches, s.guessed_layer_experts), (0, 0), "{name}");
+    }
+}
+
+/// The engine's cache statistics once its loader is idle.
+fn settled_stats(engine: &Engine) -> ExpertCacheStats {
+    let cache = engine.expert_cache().unwrap();
+    cache.wait_idle();
+    cache.stats()
 }
 
 // Every MoE fixture in f32, per-expert and stacked (GPT-OSS, Granite) layouts, in groups that
@@ -137,13 +184,12 @@ fn check_budgets(fixtures: &[&str]) {
         let total = resident.model().experts().resident_bytes() as u64;
         let n_experts: usize = resident.summary().n_experts * resident.summary().moe_layers.len();
         let expert_bytes = total / n_experts as u64;
-        for policy in [PolicyKind::Lru, PolicyKind::LfuDecay] {
+        for policy in [PolicyKind::Lru, PolicyKind::LfuDecay, PolicyKind::Prefetch] {
             for percent in [25.0, 50.0, 100.0] {
                 let budget = ExpertBudget::Percent(percent);
-                let minimum = expert_bytes * resident.summary().top_k as u64;
+                let minimum = minimum_budget(name);
                 if budget.resolve(total) < minimum {
-                    // Few experts per layer (deepseek_v2-lite: top-3 of 8): 25 % is below one
-                    // layer's working set, which must be refused.
+                    // Too few experts for 25 % to hold one read: must be refused.
                     let err = engine(name, Some(budget), policy)
                         .err()
                         .unwrap()
@@ -167,29 +213,33 @@ fn check_budgets(fixtures: &[&str]) {
                 for (p, want) in reference.prompts.iter().zip(&expected) {
                     let got = greedy(&cached, &p.input_ids, want.len());
                     assert_eq!(&got, want, "{name}, {policy}, budget {percent}%");
-                    check_consistent(name, &cached.expert_cache_stats().unwrap(), expert_bytes);
+                    check_consistent(name, &settled_stats(&cached), expert_bytes);
                 }
-                let s = cached.expert_cache_stats().unwrap();
+                let s = settled_stats(&cached);
                 let used = s
                     .layer_usage
                     .iter()
                     .flat_map(|l| &l.counts)
                     .filter(|&&c| c > 0)
                     .count();
-                if percent == 100.0 {
+                if percent == 100.0 && used as u64 * expert_bytes + minimum <= s.budget_bytes {
+                    // Every used expert and a read fit: each used expert is read once, by its
+                    // first lookup or ahead of it.
                     assert_eq!(s.evictions, 0, "{name}: everything fits");
                     assert_eq!(
-                        s.misses as usize, used,
+                        s.misses + s.prefetch_hits,
+                        used as u64,
                         "{name}: each used expert read once"
                     );
                 } else {
-                    assert!(s.misses as usize >= used);
+                    assert!((s.misses + s.prefetch_hits) as usize >= used);
                 }
                 report.push(format!(
-                    "{name:>20} {policy:>9} {percent:>5}%: hit rate {:5.1} % ({} lookups, {} evictions)",
+                    "{name:>20} {policy:>9} {percent:>5}%: hit rate {:5.1} % ({} lookups, {} evictions, guess accuracy {:5.1} %)",
                     100.0 * s.hit_rate,
                     s.lookups,
-                    s.evictions
+                    s.evictions,
+                    100.0 * s.guess_accuracy
                 ));
             }
         }
@@ -271,7 +321,7 @@ fn lookups_are_the_routed_experts() {
             "{name}: one lookup per active expert per layer"
         );
         assert_eq!(s.hits + s.misses, observer.total);
-        assert!(s.resident_high_water_bytes <= s.budget_bytes);
+        assert!(s.peak_bytes <= s.budget_bytes);
         assert!(s.evictions > 0, "{name}: 30 % forces evictions");
         cache.reset_stats();
         let s = cache.stats();
@@ -286,7 +336,9 @@ fn too_small_budget_fails_at_load_naming_the_minimum() {
         let summary = resident.summary();
         let total = resident.model().experts().resident_bytes() as u64;
         let per_expert = total / (summary.n_experts * summary.moe_layers.len()) as u64;
-        let minimum = per_expert * summary.top_k as u64;
+        let minimum = minimum_budget(name);
+        // Per-expert f32 layouts: the raw buffers and the weights.
+        assert_eq!(minimum, 2 * per_expert, "{name}");
         let err = engine(
             name,
             Some(ExpertBudget::Bytes(minimum - 1)),
@@ -310,33 +362,91 @@ fn too_small_budget_fails_at_load_naming_the_minimum() {
         let reference = Reference::load(name).unwrap();
         let p = &reference.prompts[0];
         assert_eq!(greedy(&tight, &p.input_ids, 10), p.greedy_new_tokens[..10]);
-        let s = tight.expert_cache_stats().unwrap();
-        assert!(s.resident_high_water_bytes <= minimum);
+        let s = settled_stats(&tight);
+        assert_eq!(
+            s.peak_bytes, minimum,
+            "{name}: a read takes the whole budget"
+        );
         assert!(s.evictions > 0);
+        assert_eq!(s.resident_experts, 1, "{name}: room for one expert");
     }
 }
 
-/// Threads sharing one engine share its cache: a miss reads outside the lock, so two threads
-/// may read the same expert at once; tokens stay those of the resident run and the budget holds.
+/// Threads sharing one engine share its cache: lookups of an expert being read wait for that
+/// read; a thread that finds no room waits until others release the experts they compute with.
+/// Tokens stay those of the resident run and the bytes held never exceed the budget, even
+/// with a budget of a single read.
 #[test]
 fn threads_share_one_cache() {
     let name = "qwen3_moe";
     let reference = Reference::load(name).unwrap();
-    let cached = engine(name, Some(ExpertBudget::Percent(25.0)), PolicyKind::Lru).unwrap();
-    std::thread::scope(|scope| {
-        for round in 0..4 {
-            for p in &reference.prompts {
-                let cached = &cached;
-                scope.spawn(move || {
-                    let n = 10 + round;
-                    let got = greedy(cached, &p.input_ids, n);
-                    assert_eq!(got, p.greedy_new_tokens[..n]);
-                });
+    let resident = engine(name, None, PolicyKind::Lru).unwrap();
+    let summary = resident.summary();
+    let total = resident.model().experts().resident_bytes() as u64;
+    let per_expert = total / (summary.n_experts * summary.moe_layers.len()) as u64;
+    let minimum = ExpertBudget::Bytes(minimum_budget(name));
+    for (budget, policy, rounds) in [
+        (ExpertBudget::Percent(25.0), PolicyKind::Lru, 4),
+        (ExpertBudget::Percent(25.0), PolicyKind::Prefetch, 2),
+        (minimum, PolicyKind::Prefetch, 1),
+        (minimum, PolicyKind::LfuDecay, 1),
+    ] {
+        let cached = engine(name, Some(budget), policy).unwrap();
+        std::thread::scope(|scope| {
+            for round in 0..rounds {
+                for p in &reference.prompts {
+                    let cached = &cached;
+                    scope.spawn(move || {
+                        let n = 10 + round;
+                        let got = greedy(cached, &p.input_ids, n);
+                        assert_eq!(got, p.greedy_new_tokens[..n], "{budget} {policy}");
+                    });
+                }
             }
+        });
+        let s = settled_stats(&cached);
+        check_consistent(name, &s, per_expert);
+        assert!(s.peak_bytes <= s.budget_bytes);
+    }
+}
+
+/// Routing-aware prefetch with room for every expert: guessed experts are read ahead, lookups
+/// then hit them, and the guess (the next layer's router on the residual stream after this
+/// layer's attention) is mostly right.
+#[test]
+fn prefetch_reads_ahead_and_guesses() {
+    for name in ["mixtral", "qwen3_moe"] {
+        let reference = Reference::load(name).unwrap();
+        let minimum = minimum_budget(name);
+        let resident = engine(name, None, PolicyKind::Lru).unwrap();
+        let all = ExpertBudget::Bytes(resident.model().experts().resident_bytes() as u64 + minimum);
+        let lru = engine(name, Some(all), PolicyKind::Lru).unwrap();
+        let ahead = engine(name, Some(all), PolicyKind::Prefetch).unwrap();
+        for p in &reference.prompts {
+            let n = p.greedy_new_tokens.len();
+            assert_eq!(
+                greedy(&ahead, &p.input_ids, n),
+                greedy(&lru, &p.input_ids, n)
+            );
         }
-    });
-    let s = cached.expert_cache_stats().unwrap();
-    assert_eq!(s.hits + s.misses, s.lookups);
-    assert!(s.resident_high_water_bytes <= s.budget_bytes);
-    assert!(s.misses >= s.evictions + s.resident_experts as u64);
+        let (l, a) = (settled_stats(&lru), settled_stats(&ahead));
+        assert_eq!(a.lookups, l.lookups, "{name}: same routing");
+        assert_eq!(
+            (a.evictions, l.evictions),
+            (0, 0),
+            "{name}: everything fits"
+        );
+        assert!(a.prefetch_hits > 0, "{name}: {a:?}");
+        assert!(a.misses < l.misses, "{name}: prefetch hits replace misses");
+        assert!(a.hit_rate > l.hit_rate, "{name}");
+        assert!(
+            a.guess_accuracy > 0.5,
+            "{name}: guess accuracy {}",
+            a.guess_accuracy
+        );
+        eprintln!(
+            "{name}: lru hit rate {:.3}, prefetch hit rate {:.3}, guess accuracy {:.3}",
+            l.hit_rate, a.hit_rate, a.guess_accuracy
+        );
+    }
 }

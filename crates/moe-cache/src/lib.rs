@@ -2,18 +2,21 @@
 //! (the checkpoint's safetensors files, read on demand with positioned reads into owned buffers,
 //! not through the mmap) and at most a byte budget of them in host RAM.
 //!
-//! The cache decides eviction only, through a [`CachePolicy`] ([`Lru`], [`LfuDecay`]); routing
-//! is the model's. Everything that is not a routed expert stays resident as the model loads it.
-//! [`ExpertCacheStats`] reports hits, misses, bytes read, evictions, stall time and a per-layer
-//! expert-usage histogram.
+//! The budget counts everything experts take, including reads in flight and experts in use, and
+//! is never exceeded. A [`CachePolicy`] ([`Lru`], [`LfuDecay`], [`RoutingPrefetch`]) picks what to
+//! evict and whether a loader thread reads the experts the next layer's router guesses ahead of
+//! use; routing is the model's. Everything that is not a routed expert stays resident as the
+//! model loads it. [`ExpertCacheStats`] reports hits, misses, prefetch hits and waste, guess
+//! accuracy, bytes read per token, evictions, stall time and a per-layer expert-usage histogram.
 #![warn(missing_docs)]
 
 pub mod budget;
+mod loader;
 pub mod policy;
 pub mod stats;
 pub mod tiered;
 
 pub use budget::ExpertBudget;
-pub use policy::{CachePolicy, LfuDecay, Lru, PolicyKind};
+pub use policy::{CachePolicy, LfuDecay, Lru, PolicyKind, RoutingPrefetch};
 pub use stats::{ExpertCacheStats, LayerUsage};
-pub use tiered::{TieredExperts, TieredExpertsBuilder};
+pub use tiered::{transient_bytes, TieredExperts, TieredExpertsBuilder};

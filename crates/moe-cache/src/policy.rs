@@ -1,5 +1,6 @@
-//! Eviction policies. A policy tracks which experts are resident and picks the one to drop
-//! when the budget needs room; it never sees routing and never decides what is loaded.
+//! Cache policies. A policy tracks which experts are resident and picks the one to drop when
+//! the budget needs room, and says whether the cache should load guessed experts ahead of use
+//! ([`RoutingPrefetch`]); it never sees routing itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -7,17 +8,23 @@ use std::str::FromStr;
 
 use moe_core::{Error, ExpertKey};
 
-/// Decides which resident expert to evict. The cache calls it under its lock.
+/// Decides which resident expert to evict (and whether to prefetch). The cache calls it under
+/// its lock.
 pub trait CachePolicy: Send {
-    /// Short name for statistics (`lru`, `lfu-decay`).
+    /// Short name for statistics (`lru`, `lfu-decay`, `prefetch`).
     fn name(&self) -> &'static str;
+    /// Whether the cache should guess the next layer's experts (its router applied early) and
+    /// load them ahead of use on its loader thread.
+    fn prefetches(&self) -> bool {
+        false
+    }
     /// `key` was looked up and found resident.
     fn on_hit(&mut self, key: ExpertKey);
     /// `key` was read from disk and is now resident.
     fn on_insert(&mut self, key: ExpertKey);
-    /// Picks a resident expert to evict and stops tracking it as resident; `None` when none is
-    /// resident.
-    fn evict(&mut self) -> Option<ExpertKey>;
+    /// Picks a resident expert for which `evictable` holds (experts in use cannot go), and
+    /// stops tracking it as resident; `None` when there is none.
+    fn evict(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey>;
 }
 
 /// Which policy `--expert-policy` chose.
@@ -28,6 +35,8 @@ pub enum PolicyKind {
     Lru,
     /// Least frequently used, with counts that halve every `half_life` lookups.
     LfuDecay,
+    /// LRU eviction plus routing-aware prefetch ([`RoutingPrefetch`]).
+    Prefetch,
 }
 
 impl PolicyKind {
@@ -39,6 +48,7 @@ impl PolicyKind {
             PolicyKind::LfuDecay => Box::new(LfuDecay::new(
                 (LfuDecay::HALF_LIFE_TOKENS * lookups_per_token.max(1)) as f64,
             )),
+            PolicyKind::Prefetch => Box::new(RoutingPrefetch::default()),
         }
     }
 }
@@ -48,6 +58,7 @@ impl fmt::Display for PolicyKind {
         f.write_str(match self {
             PolicyKind::Lru => "lru",
             PolicyKind::LfuDecay => "lfu-decay",
+            PolicyKind::Prefetch => "prefetch",
         })
     }
 }
@@ -59,8 +70,9 @@ impl FromStr for PolicyKind {
         match s.trim().to_ascii_lowercase().as_str() {
             "lru" => Ok(PolicyKind::Lru),
             "lfu-decay" | "lfu_decay" | "lfu" => Ok(PolicyKind::LfuDecay),
+            "prefetch" => Ok(PolicyKind::Prefetch),
             other => Err(Error::InvalidRequest(format!(
-                "--expert-policy `{other}`: expected lru or lfu-decay"
+                "--expert-policy `{other}`: expected lru, lfu-decay or prefetch"
             ))),
         }
     }
@@ -97,10 +109,41 @@ impl CachePolicy for Lru {
         self.touch(key);
     }
 
-    fn evict(&mut self) -> Option<ExpertKey> {
-        let (_, key) = self.by_age.pop_first()?;
+    fn evict(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey> {
+        let (&age, &key) = self.by_age.iter().find(|(_, &k)| evictable(k))?;
+        self.by_age.remove(&age);
         self.last_use.remove(&key);
         Some(key)
+    }
+}
+
+/// Routing-aware prefetch (the Pre-gated / Mixtral-offloading idea): the cache applies layer
+/// L+1's router to the hidden state after layer L's attention and loads the guessed experts
+/// on its loader thread while layer L computes. Eviction is [`Lru`]'s.
+#[derive(Debug, Default)]
+pub struct RoutingPrefetch {
+    lru: Lru,
+}
+
+impl CachePolicy for RoutingPrefetch {
+    fn name(&self) -> &'static str {
+        "prefetch"
+    }
+
+    fn prefetches(&self) -> bool {
+        true
+    }
+
+    fn on_hit(&mut self, key: ExpertKey) {
+        self.lru.on_hit(key);
+    }
+
+    fn on_insert(&mut self, key: ExpertKey) {
+        self.lru.on_insert(key);
+    }
+
+    fn evict(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey> {
+        self.lru.evict(evictable)
     }
 }
 
@@ -159,10 +202,11 @@ impl CachePolicy for LfuDecay {
         self.resident.insert(key);
     }
 
-    fn evict(&mut self) -> Option<ExpertKey> {
+    fn evict(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey> {
         let victim = self
             .resident
             .iter()
+            .filter(|k| evictable(**k))
             .map(|k| (self.score_now(k), *k))
             .min_by(|((a, ta), ka), ((b, tb), kb)| a.total_cmp(b).then(ta.cmp(tb)).then(ka.cmp(kb)))
             .map(|(_, k)| k)?;
@@ -186,10 +230,26 @@ mod tests {
         p.on_insert(k(1));
         p.on_insert(k(2));
         p.on_hit(k(0));
-        assert_eq!(p.evict(), Some(k(1)));
-        assert_eq!(p.evict(), Some(k(2)));
-        assert_eq!(p.evict(), Some(k(0)));
-        assert_eq!(p.evict(), None);
+        assert_eq!(p.evict(&|_| true), Some(k(1)));
+        assert_eq!(p.evict(&|_| true), Some(k(2)));
+        assert_eq!(p.evict(&|_| true), Some(k(0)));
+        assert_eq!(p.evict(&|_| true), None);
+    }
+
+    #[test]
+    fn experts_in_use_are_skipped() {
+        for kind in [PolicyKind::Lru, PolicyKind::LfuDecay, PolicyKind::Prefetch] {
+            let mut p = kind.build(1);
+            p.on_insert(k(0));
+            p.on_insert(k(1));
+            p.on_insert(k(2));
+            assert_eq!(p.evict(&|key| key != k(0)), Some(k(1)), "{kind}");
+            assert_eq!(p.evict(&|key| key != k(0)), Some(k(2)), "{kind}");
+            assert_eq!(p.evict(&|key| key != k(0)), None, "{kind}");
+            assert_eq!(p.evict(&|_| true), Some(k(0)), "{kind}");
+        }
+        assert!(PolicyKind::Prefetch.build(1).prefetches());
+        assert!(!PolicyKind::Lru.build(1).prefetches());
     }
 
     #[test]
@@ -201,8 +261,8 @@ mod tests {
         p.on_insert(k(1));
         p.on_insert(k(2));
         p.on_hit(k(2));
-        assert_eq!(p.evict(), Some(k(1)));
-        assert_eq!(p.evict(), Some(k(2)));
+        assert_eq!(p.evict(&|_| true), Some(k(1)));
+        assert_eq!(p.evict(&|_| true), Some(k(2)));
         // With a short half-life, recent use beats old frequency.
         let mut p = LfuDecay::new(1.0);
         p.on_insert(k(0));
@@ -213,7 +273,7 @@ mod tests {
         for _ in 0..10 {
             p.on_hit(k(1));
         }
-        assert_eq!(p.evict(), Some(k(0)));
+        assert_eq!(p.evict(&|_| true), Some(k(0)));
     }
 
     #[test]
@@ -223,7 +283,15 @@ mod tests {
             "LFU-decay".parse::<PolicyKind>().unwrap(),
             PolicyKind::LfuDecay
         );
-        assert!("fifo".parse::<PolicyKind>().is_err());
+        assert_eq!(
+            "prefetch".parse::<PolicyKind>().unwrap(),
+            PolicyKind::Prefetch
+        );
+        let err = "fifo".parse::<PolicyKind>().unwrap_err().to_string();
+        assert!(
+            err.contains("--expert-policy") && !err.contains('\n'),
+            "{err}"
+        );
         assert_eq!(PolicyKind::LfuDecay.build(4).name(), "lfu-decay");
     }
 }

@@ -16,36 +16,71 @@ pub struct LayerUsage {
 /// A snapshot of the cache's counters (cumulative since load or the last reset).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExpertCacheStats {
-    /// Eviction policy (`lru`, `lfu-decay`).
+    /// Cache policy (`lru`, `lfu-decay`, `prefetch`).
     pub policy: String,
     /// The RAM tier's budget in bytes.
     pub budget_bytes: u64,
     /// Bytes of all routed experts in the compute dtype.
     pub expert_bytes_total: u64,
+    /// The smallest budget that works: the most one expert's read reserves (raw buffers and
+    /// decoded weights).
+    pub min_budget_bytes: u64,
     /// Bytes of experts resident now.
     pub resident_bytes: u64,
     /// Experts resident now.
     pub resident_experts: usize,
-    /// The most bytes ever resident, checked after every insert (never above the budget).
-    pub resident_high_water_bytes: u64,
+    /// The most bytes ever held at once: resident experts plus what reads in flight reserved
+    /// (raw buffers and decoded weights). Never above the budget.
+    pub peak_bytes: u64,
+    /// Rows (tokens) that went through the first MoE layer.
+    pub tokens: u64,
     /// Expert lookups (`hits + misses`).
     pub lookups: u64,
-    /// Lookups served from RAM.
+    /// Lookups served from RAM (possibly after waiting for a read already in flight).
     pub hits: u64,
-    /// Lookups that read the expert from disk.
+    /// Lookups that read the expert from disk themselves.
     pub misses: u64,
     /// `hits / lookups` (0 when nothing was looked up).
     pub hit_rate: f64,
     /// Experts dropped to make room.
     pub evictions: u64,
-    /// Bytes read from the checkpoint files.
+    /// Bytes read from the checkpoint files (on demand and ahead of use).
     pub bytes_read: u64,
-    /// Seconds spent in positioned reads.
+    /// `bytes_read / tokens` (0 before any token).
+    pub bytes_per_token: f64,
+    /// Seconds spent in positioned reads (on demand and ahead of use).
     pub read_seconds: f64,
-    /// Seconds lookups waited for misses (read and conversion to the compute dtype).
+    /// Seconds lookups waited: for their own reads, for reads in flight, for room.
     pub stall_seconds: f64,
+    /// Experts the loader thread read ahead of use (routing-aware prefetch).
+    pub prefetches: u64,
+    /// Prefetched experts that a lookup then used.
+    pub prefetch_hits: u64,
+    /// Of the prefetch hits, those whose lookup had to wait for the read to finish.
+    pub prefetch_late: u64,
+    /// Prefetched experts evicted before use or not routed to by the layer they were guessed for.
+    pub prefetch_wasted: u64,
+    /// Prefetched experts not yet used nor wasted (`prefetches = hits + wasted + pending`).
+    pub prefetch_pending: u64,
+    /// Guessed experts the loader skipped: no room without evicting what is in use.
+    pub prefetch_dropped: u64,
+    /// Experts routed to by layers that had a guess.
+    pub guessed_layer_experts: u64,
+    /// Of those, experts that were in the guess.
+    pub guessed_correctly: u64,
+    /// `guessed_correctly / guessed_layer_experts`: the fraction of actual experts guessed.
+    pub guess_accuracy: f64,
     /// Per-layer expert-usage histogram (MoE layers only).
     pub layer_usage: Vec<LayerUsage>,
+}
+
+/// `a / b`, 0 when `b` is 0.
+pub(crate) fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
 }
 
 fn human_bytes(b: u64) -> String {
@@ -64,22 +99,23 @@ fn human_bytes(b: u64) -> String {
 }
 
 impl fmt::Display for ExpertCacheStats {
-    /// Several lines: a summary, then one histogram line per MoE layer.
+    /// Several lines: a summary, prefetch (with that policy), then one histogram line per MoE
+    /// layer.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let share = 100.0 * self.budget_bytes as f64 / self.expert_bytes_total.max(1) as f64;
         writeln!(
             f,
-            "expert cache: policy {} | budget {} ({share:.1} % of {} routed-expert bytes) | resident {} in {} experts, high-water {}",
+            "expert cache: policy {} | budget {} ({share:.1} % of {} routed-expert bytes) | resident {} in {} experts, peak {}",
             self.policy,
             human_bytes(self.budget_bytes),
             human_bytes(self.expert_bytes_total),
             human_bytes(self.resident_bytes),
             self.resident_experts,
-            human_bytes(self.resident_high_water_bytes),
+            human_bytes(self.peak_bytes),
         )?;
         write!(
             f,
-            "expert cache: {} lookups, {} hits, {} misses (hit rate {:.1} %), {} evictions | read {} from disk in {:.3} s, stalled {:.3} s",
+            "expert cache: {} lookups, {} hits, {} misses (hit rate {:.1} %), {} evictions | read {} from disk in {:.3} s ({}/token over {} tokens), stalled {:.3} s",
             self.lookups,
             self.hits,
             self.misses,
@@ -87,8 +123,25 @@ impl fmt::Display for ExpertCacheStats {
             self.evictions,
             human_bytes(self.bytes_read),
             self.read_seconds,
+            human_bytes(self.bytes_per_token.round() as u64),
+            self.tokens,
             self.stall_seconds,
         )?;
+        if self.policy == "prefetch" {
+            write!(
+                f,
+                "\nexpert cache: prefetch {} read ahead, {} used ({} late), {} wasted, {} pending, {} dropped | guess accuracy {:.1} % ({} of {} routed experts)",
+                self.prefetches,
+                self.prefetch_hits,
+                self.prefetch_late,
+                self.prefetch_wasted,
+                self.prefetch_pending,
+                self.prefetch_dropped,
+                100.0 * self.guess_accuracy,
+                self.guessed_correctly,
+                self.guessed_layer_experts,
+            )?;
+        }
         for usage in &self.layer_usage {
             let counts: Vec<String> = usage.counts.iter().map(u64::to_string).collect();
             write!(

@@ -1,10 +1,19 @@
 //! [`TieredExperts`]: routed experts on disk, at most a budget of them in host RAM.
+//!
+//! Accounting: every byte an expert takes counts against the budget from the moment a read is
+//! decided, not when it lands. A read first *reserves* its transient bytes (raw buffers plus
+//! decoded weights, [`transient_bytes`]), evicting experts nobody holds to make room; once
+//! decoded, the reservation shrinks to the weights' size and they become resident. An expert a
+//! lookup returned is *pinned* while the caller holds it (its `Arc` has another owner) and is
+//! never evicted then, so dropping the cache's reference always frees the memory. A lookup that
+//! finds no room waits until the caller computing with a pinned expert releases it; the MoE
+//! block computes one expert at a time, so one expert's transient bytes are the minimum budget.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use moe_core::{Error, ExpertKey, Result};
@@ -12,169 +21,174 @@ use moe_kernels::ExpertWeights;
 use moe_models::{ExpertLayerLayout, ExpertOnDisk, ExpertSource, ExpertSourceFactory};
 
 use crate::budget::ExpertBudget;
+use crate::loader::Loader;
 use crate::policy::{CachePolicy, PolicyKind};
-use crate::stats::{ExpertCacheStats, LayerUsage};
+use crate::stats::{ratio, ExpertCacheStats, LayerUsage};
 
-/// Mutable state, under one lock.
-struct State {
-    /// Resident experts with their size in bytes.
-    resident: HashMap<ExpertKey, (Arc<ExpertWeights>, u64)>,
-    resident_bytes: u64,
-    high_water: u64,
-    policy: Box<dyn CachePolicy>,
+/// How long a lookup waits for room before concluding that the budget is held by experts in
+/// use that will not be released (a caller holding more experts at once than fit).
+const ROOM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bytes one expert may take while it is read and decoded. Three float tensors whose bytes
+/// on disk equal the decoded size (per-expert layout, stored in the compute dtype) decode with
+/// one copy each: raw buffers plus weights. Anything else (a dtype change, a stacked layout's
+/// fused gate/up, MXFP4's dequantized values) may hold one more decoded-size copy.
+pub fn transient_bytes(on_disk: &ExpertOnDisk) -> u64 {
+    let disk: u64 = on_disk.tensors.iter().map(|t| t.len as u64).sum();
+    let ram = on_disk.ram_bytes as u64;
+    if on_disk.tensors.len() == 3 && disk == ram {
+        disk + ram
+    } else {
+        disk + 2 * ram
+    }
+}
+
+/// Counters, zeroed by [`TieredExperts::reset_stats`].
+#[derive(Default)]
+struct Counters {
+    tokens: u64,
     hits: u64,
     misses: u64,
     evictions: u64,
     bytes_read: u64,
     read_time: Duration,
     stall_time: Duration,
-    /// `usage[layer][expert]`; empty for dense layers.
-    usage: Vec<Vec<u64>>,
+    prefetches: u64,
+    prefetch_hits: u64,
+    prefetch_late: u64,
+    prefetch_wasted: u64,
+    prefetch_dropped: u64,
+    guessed_layer_experts: u64,
+    guessed_correctly: u64,
 }
 
-/// An [`ExpertSource`] that reads routed experts from the checkpoint files on demand (plain
-/// positioned reads into owned buffers, not the mmap) and keeps at most `budget` bytes of them
-/// in RAM, evicting by a [`CachePolicy`] before every insert that would exceed it.
-pub struct TieredExperts {
+/// A guessed expert waiting for the loader, tagged with the guess it came from.
+#[derive(Clone, Copy)]
+pub(crate) struct Job {
+    pub(crate) key: ExpertKey,
+    guess: u64,
+}
+
+/// Mutable state, under one lock.
+pub(crate) struct State {
+    /// Resident experts with their size in bytes.
+    resident: HashMap<ExpertKey, (Arc<ExpertWeights>, u64)>,
+    resident_bytes: u64,
+    /// Experts being read, with the bytes reserved for them.
+    in_flight: HashMap<ExpertKey, u64>,
+    reserved_bytes: u64,
+    peak_bytes: u64,
+    policy: Box<dyn CachePolicy>,
+    counters: Counters,
+    /// `usage[layer][expert]`; empty for dense layers.
+    usage: Vec<Vec<u64>>,
+    /// Prefetched experts no lookup has used yet.
+    unused_prefetches: HashSet<ExpertKey>,
+    /// The latest guess per layer, until the layer routes.
+    guesses: HashMap<usize, Vec<usize>>,
+    /// Experts of the layer computing now (the loader must not evict them).
+    active: HashSet<ExpertKey>,
+    /// Guessed experts for the loader, oldest first.
+    pub(crate) queue: VecDeque<Job>,
+    /// Guesses made so far (tags [`Job`]s so stale ones can be dropped).
+    guess_count: u64,
+    /// Set when the cache is dropped: the loader exits.
+    pub(crate) shutdown: bool,
+}
+
+/// The part of the cache the loader thread shares.
+pub(crate) struct Inner {
     /// `experts[layer][expert]`; empty for dense layers.
     experts: Vec<Vec<ExpertOnDisk>>,
     files: HashMap<PathBuf, File>,
     budget: u64,
     total_bytes: u64,
+    /// The most one read reserves: the minimum budget.
+    min_budget: u64,
+    /// The first MoE layer, whose rows count as the tokens.
+    first_moe_layer: usize,
     state: Mutex<State>,
+    /// Signalled when an expert lands, is evicted or a read fails.
+    changed: Condvar,
+    /// Signalled when the loader has work (or must exit).
+    pub(crate) work: Condvar,
 }
 
-impl TieredExperts {
-    /// Indexes where every routed expert of `layouts` lies (nothing is read; every expert
-    /// layout, per-expert or stacked, float or MXFP4, is supported) and checks that
-    /// the budget holds the largest layer's working set (top_k of its experts).
-    pub fn open(
-        n_layers: usize,
-        layouts: &[ExpertLayerLayout],
-        budget: ExpertBudget,
-        policy: Box<dyn CachePolicy>,
-    ) -> Result<Self> {
-        let mut experts: Vec<Vec<ExpertOnDisk>> = (0..n_layers).map(|_| Vec::new()).collect();
-        let mut files = HashMap::new();
-        // (bytes, layer, top_k) of the largest working set.
-        let mut min_need = (0u64, 0usize, 0usize);
-        for l in layouts {
-            let layer = l.experts_on_disk()?;
-            for t in layer.iter().flat_map(|x| &x.tensors) {
-                if !files.contains_key(&t.path) {
-                    let file = File::open(&t.path).map_err(|source| Error::Io {
-                        path: t.path.clone(),
-                        source,
-                    })?;
-                    files.insert(t.path.clone(), file);
-                }
-            }
-            let largest = layer.iter().map(|x| x.ram_bytes as u64).max().unwrap_or(0);
-            let need = largest * l.top_k.min(l.n_experts) as u64;
-            if need > min_need.0 {
-                min_need = (need, l.layer, l.top_k);
-            }
-            experts[l.layer] = layer;
-        }
-        let total_bytes: u64 = experts.iter().flatten().map(|x| x.ram_bytes as u64).sum();
-        let budget_bytes = budget.resolve(total_bytes);
-        if budget_bytes < min_need.0 {
-            let given = match budget {
-                ExpertBudget::Bytes(_) => format!("{budget_bytes} bytes"),
-                ExpertBudget::Percent(p) => format!("{p}% ({budget_bytes} bytes)"),
-            };
-            return Err(Error::InvalidRequest(format!(
-                "--expert-budget {given} cannot hold one layer's working set: the minimum is {} bytes (top-{} experts of layer {})",
-                min_need.0, min_need.2, min_need.1
-            )));
-        }
-        let usage = experts.iter().map(|l| vec![0; l.len()]).collect();
-        Ok(Self {
-            experts,
-            files,
-            budget: budget_bytes,
-            total_bytes,
-            state: Mutex::new(State {
-                resident: HashMap::new(),
-                resident_bytes: 0,
-                high_water: 0,
-                policy,
-                hits: 0,
-                misses: 0,
-                evictions: 0,
-                bytes_read: 0,
-                read_time: Duration::ZERO,
-                stall_time: Duration::ZERO,
-                usage,
-            }),
-        })
-    }
+/// Who reads an expert.
+#[derive(Clone, Copy, PartialEq)]
+enum Reader {
+    /// A lookup that missed.
+    Demand,
+    /// The loader thread, ahead of use.
+    Prefetch,
+}
 
-    /// The budget in bytes.
-    pub fn budget_bytes(&self) -> u64 {
-        self.budget
-    }
-
-    /// Bytes of all routed experts in the compute dtype.
-    pub fn total_expert_bytes(&self) -> u64 {
-        self.total_bytes
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl Inner {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves counters, not invariants, half-updated.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A snapshot of the counters.
-    pub fn stats(&self) -> ExpertCacheStats {
-        let s = self.lock();
-        let lookups = s.hits + s.misses;
-        ExpertCacheStats {
-            policy: s.policy.name().to_string(),
-            budget_bytes: self.budget,
-            expert_bytes_total: self.total_bytes,
-            resident_bytes: s.resident_bytes,
-            resident_experts: s.resident.len(),
-            resident_high_water_bytes: s.high_water,
-            lookups,
-            hits: s.hits,
-            misses: s.misses,
-            hit_rate: if lookups == 0 {
-                0.0
-            } else {
-                s.hits as f64 / lookups as f64
-            },
-            evictions: s.evictions,
-            bytes_read: s.bytes_read,
-            read_seconds: s.read_time.as_secs_f64(),
-            stall_seconds: s.stall_time.as_secs_f64(),
-            layer_usage: s
-                .usage
-                .iter()
-                .enumerate()
-                .filter(|(_, counts)| !counts.is_empty())
-                .map(|(layer, counts)| LayerUsage {
-                    layer,
-                    counts: counts.clone(),
-                })
-                .collect(),
-        }
+    pub(crate) fn on_disk(&self, key: ExpertKey) -> Result<&ExpertOnDisk> {
+        self.experts
+            .get(key.layer)
+            .and_then(|layer| layer.get(key.expert))
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!("layer {} has no expert {}", key.layer, key.expert))
+            })
     }
 
-    /// Zeroes the counters (resident experts stay; the high-water mark restarts at the
-    /// bytes resident now).
-    pub fn reset_stats(&self) {
-        let mut s = self.lock();
-        s.hits = 0;
-        s.misses = 0;
-        s.evictions = 0;
-        s.bytes_read = 0;
-        s.read_time = Duration::ZERO;
-        s.stall_time = Duration::ZERO;
-        s.high_water = s.resident_bytes;
-        for counts in &mut s.usage {
-            counts.iter_mut().for_each(|c| *c = 0);
+    /// Evicts experts (policy's choice among those `reader` may evict) until `need` more bytes
+    /// fit; false when no such expert is left. Nobody else holds an evicted expert, so its
+    /// memory is freed here.
+    fn make_room(&self, s: &mut State, need: u64, reader: Reader) -> bool {
+        while s.resident_bytes + s.reserved_bytes + need > self.budget {
+            let State {
+                policy,
+                resident,
+                active,
+                guesses,
+                ..
+            } = s;
+            let evictable = |k: ExpertKey| {
+                let unpinned = resident
+                    .get(&k)
+                    .is_some_and(|(w, _)| Arc::strong_count(w) == 1);
+                // The loader keeps what the computing and the guessed layers need.
+                let needed = reader == Reader::Prefetch
+                    && (active.contains(&k)
+                        || guesses.get(&k.layer).is_some_and(|g| g.contains(&k.expert)));
+                unpinned && !needed
+            };
+            let Some(victim) = policy.evict(&evictable) else {
+                return false;
+            };
+            if let Some((_, bytes)) = s.resident.remove(&victim) {
+                s.resident_bytes -= bytes;
+                s.counters.evictions += 1;
+                if s.unused_prefetches.remove(&victim) {
+                    s.counters.prefetch_wasted += 1;
+                }
+            }
         }
+        true
+    }
+
+    /// Reserves `need` bytes for reading `key` (room was made).
+    fn reserve(&self, s: &mut State, key: ExpertKey, need: u64) {
+        s.in_flight.insert(key, need);
+        s.reserved_bytes += need;
+        self.note_peak(s);
+    }
+
+    fn note_peak(&self, s: &mut State) {
+        let held = s.resident_bytes + s.reserved_bytes;
+        s.peak_bytes = s.peak_bytes.max(held);
+        assert!(
+            held <= self.budget,
+            "expert cache over budget: {held} > {}",
+            self.budget
+        );
     }
 
     /// Reads and decodes one expert; returns it with the bytes read and the time spent reading.
@@ -198,68 +212,358 @@ impl TieredExperts {
         let weights = on_disk.decode(&buffers)?;
         Ok((weights, bytes_read, read_time))
     }
+
+    /// Reads `key`, for which room was made, without the lock, and makes it resident.
+    fn load<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        key: ExpertKey,
+        reader: Reader,
+    ) -> (MutexGuard<'a, State>, Result<Arc<ExpertWeights>>) {
+        let on_disk = match self.on_disk(key) {
+            Ok(d) => d,
+            Err(e) => return (s, Err(e)),
+        };
+        let need = transient_bytes(on_disk);
+        self.reserve(&mut s, key, need);
+        drop(s);
+        let read = self.read(on_disk);
+        let mut s = self.lock();
+        s.in_flight.remove(&key);
+        s.reserved_bytes -= need;
+        let result = read.map(|(weights, bytes_read, read_time)| {
+            let size = on_disk.ram_bytes as u64;
+            debug_assert_eq!(weights.n_bytes() as u64, size);
+            let weights = Arc::new(weights);
+            s.counters.bytes_read += bytes_read;
+            s.counters.read_time += read_time;
+            s.resident.insert(key, (weights.clone(), size));
+            s.resident_bytes += size;
+            self.note_peak(&mut s);
+            s.policy.on_insert(key);
+            if reader == Reader::Prefetch {
+                s.counters.prefetches += 1;
+                s.unused_prefetches.insert(key);
+            }
+            weights
+        });
+        self.changed.notify_all();
+        (s, result)
+    }
+
+    /// The loader's step: reads one guessed expert if it is still wanted and room can be made
+    /// without evicting what is in use or needed. Returns the lock.
+    pub(crate) fn prefetch_one<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        job: Job,
+    ) -> MutexGuard<'a, State> {
+        let key = job.key;
+        if job.guess + 1 < s.guess_count
+            || s.resident.contains_key(&key)
+            || s.in_flight.contains_key(&key)
+        {
+            return s;
+        }
+        let Ok(on_disk) = self.on_disk(key) else {
+            return s;
+        };
+        if !self.make_room(&mut s, transient_bytes(on_disk), Reader::Prefetch) {
+            s.counters.prefetch_dropped += 1;
+            return s;
+        }
+        // A failed read is not reported here: the lookup reads again and reports it.
+        self.load(s, key, Reader::Prefetch).0
+    }
+}
+
+/// An [`ExpertSource`] that reads routed experts from the checkpoint files on demand (plain
+/// positioned reads into owned buffers, not the mmap) and keeps at most `budget` bytes of them
+/// — resident, in use, or being read — in RAM, evicting by a [`CachePolicy`]. With a policy
+/// that prefetches, a loader thread reads guessed experts ahead of use.
+pub struct TieredExperts {
+    inner: Arc<Inner>,
+    /// The loader thread (policies that prefetch); joined on drop.
+    _loader: Option<Loader>,
+}
+
+impl TieredExperts {
+    /// Indexes where every routed expert of `layouts` lies (nothing is read; every expert
+    /// layout, per-expert or stacked, float or MXFP4, is supported) and checks that the
+    /// budget holds one expert while it is read ([`transient_bytes`]): the MoE block loads,
+    /// computes and releases its experts one at a time, so that is what one step needs.
+    pub fn open(
+        n_layers: usize,
+        layouts: &[ExpertLayerLayout],
+        budget: ExpertBudget,
+        policy: Box<dyn CachePolicy>,
+    ) -> Result<Self> {
+        let mut experts: Vec<Vec<ExpertOnDisk>> = (0..n_layers).map(|_| Vec::new()).collect();
+        let mut files = HashMap::new();
+        // (bytes, layer) of the largest single-expert need.
+        let mut min_need = (0u64, 0usize);
+        for l in layouts {
+            let layer = l.experts_on_disk()?;
+            for t in layer.iter().flat_map(|x| &x.tensors) {
+                if !files.contains_key(&t.path) {
+                    let file = File::open(&t.path).map_err(|source| Error::Io {
+                        path: t.path.clone(),
+                        source,
+                    })?;
+                    files.insert(t.path.clone(), file);
+                }
+            }
+            let need = layer.iter().map(transient_bytes).max().unwrap_or(0);
+            if need > min_need.0 {
+                min_need = (need, l.layer);
+            }
+            experts[l.layer] = layer;
+        }
+        let total_bytes: u64 = experts.iter().flatten().map(|x| x.ram_bytes as u64).sum();
+        let budget_bytes = budget.resolve(total_bytes);
+        if budget_bytes < min_need.0 {
+            let given = match budget {
+                ExpertBudget::Bytes(_) => format!("{budget_bytes} bytes"),
+                ExpertBudget::Percent(p) => format!("{p}% ({budget_bytes} bytes)"),
+            };
+            return Err(Error::InvalidRequest(format!(
+                "--expert-budget {given} cannot hold one step's working set: the minimum is {} bytes (one expert of layer {} while it is read and decoded)",
+                min_need.0, min_need.1
+            )));
+        }
+        let usage = experts.iter().map(|l| vec![0; l.len()]).collect();
+        let prefetches = policy.prefetches();
+        let inner = Arc::new(Inner {
+            first_moe_layer: layouts.iter().map(|l| l.layer).min().unwrap_or(0),
+            experts,
+            files,
+            budget: budget_bytes,
+            total_bytes,
+            min_budget: min_need.0,
+            state: Mutex::new(State {
+                resident: HashMap::new(),
+                resident_bytes: 0,
+                in_flight: HashMap::new(),
+                reserved_bytes: 0,
+                peak_bytes: 0,
+                policy,
+                counters: Counters::default(),
+                usage,
+                unused_prefetches: HashSet::new(),
+                guesses: HashMap::new(),
+                active: HashSet::new(),
+                queue: VecDeque::new(),
+                guess_count: 0,
+                shutdown: false,
+            }),
+            changed: Condvar::new(),
+            work: Condvar::new(),
+        });
+        let loader = prefetches
+            .then(|| Loader::spawn(inner.clone()))
+            .transpose()?;
+        Ok(Self {
+            inner,
+            _loader: loader,
+        })
+    }
+
+    /// The budget in bytes.
+    pub fn budget_bytes(&self) -> u64 {
+        self.inner.budget
+    }
+
+    /// Bytes of all routed experts in the compute dtype.
+    pub fn total_expert_bytes(&self) -> u64 {
+        self.inner.total_bytes
+    }
+
+    /// Waits until the loader has nothing queued and no read is in flight (tests, benchmarks:
+    /// a snapshot then has no read half-counted).
+    pub fn wait_idle(&self) {
+        let mut s = self.inner.lock();
+        while !(s.queue.is_empty() && s.in_flight.is_empty()) {
+            s = self
+                .inner
+                .changed
+                .wait_timeout(s, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ExpertCacheStats {
+        let s = self.inner.lock();
+        let c = &s.counters;
+        let lookups = c.hits + c.misses;
+        ExpertCacheStats {
+            policy: s.policy.name().to_string(),
+            budget_bytes: self.inner.budget,
+            expert_bytes_total: self.inner.total_bytes,
+            min_budget_bytes: self.inner.min_budget,
+            resident_bytes: s.resident_bytes,
+            resident_experts: s.resident.len(),
+            peak_bytes: s.peak_bytes,
+            tokens: c.tokens,
+            lookups,
+            hits: c.hits,
+            misses: c.misses,
+            hit_rate: ratio(c.hits, lookups),
+            evictions: c.evictions,
+            bytes_read: c.bytes_read,
+            bytes_per_token: ratio(c.bytes_read, c.tokens),
+            read_seconds: c.read_time.as_secs_f64(),
+            stall_seconds: c.stall_time.as_secs_f64(),
+            prefetches: c.prefetches,
+            prefetch_hits: c.prefetch_hits,
+            prefetch_late: c.prefetch_late,
+            prefetch_wasted: c.prefetch_wasted,
+            prefetch_pending: s.unused_prefetches.len() as u64,
+            prefetch_dropped: c.prefetch_dropped,
+            guessed_layer_experts: c.guessed_layer_experts,
+            guessed_correctly: c.guessed_correctly,
+            guess_accuracy: ratio(c.guessed_correctly, c.guessed_layer_experts),
+            layer_usage: s
+                .usage
+                .iter()
+                .enumerate()
+                .filter(|(_, counts)| !counts.is_empty())
+                .map(|(layer, counts)| LayerUsage {
+                    layer,
+                    counts: counts.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Zeroes the counters (resident experts stay, and count as neither pending nor wasted
+    /// prefetches; the peak restarts at the bytes held now).
+    pub fn reset_stats(&self) {
+        let mut s = self.inner.lock();
+        s.counters = Counters::default();
+        s.unused_prefetches.clear();
+        s.peak_bytes = s.resident_bytes + s.reserved_bytes;
+        for counts in &mut s.usage {
+            counts.iter_mut().for_each(|c| *c = 0);
+        }
+    }
 }
 
 impl ExpertSource for TieredExperts {
     fn expert(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
-        let on_disk = self
-            .experts
-            .get(key.layer)
-            .and_then(|layer| layer.get(key.expert))
-            .ok_or_else(|| {
-                Error::InvalidRequest(format!("layer {} has no expert {}", key.layer, key.expert))
-            })?;
-        {
-            let mut s = self.lock();
-            s.usage[key.layer][key.expert] += 1;
-            if let Some((weights, _)) = s.resident.get(&key).cloned() {
-                s.hits += 1;
+        let inner = &*self.inner;
+        let need = transient_bytes(inner.on_disk(key)?);
+        let start = Instant::now();
+        let mut s = inner.lock();
+        s.usage[key.layer][key.expert] += 1;
+        let mut waited = false;
+        loop {
+            if let Some((weights, _)) = s.resident.get(&key) {
+                let weights = weights.clone();
+                s.counters.hits += 1;
                 s.policy.on_hit(key);
+                if s.unused_prefetches.remove(&key) {
+                    s.counters.prefetch_hits += 1;
+                    s.counters.prefetch_late += u64::from(waited);
+                }
+                if waited {
+                    s.counters.stall_time += start.elapsed();
+                }
                 return Ok(weights);
             }
-            s.misses += 1;
+            if !s.in_flight.contains_key(&key) && inner.make_room(&mut s, need, Reader::Demand) {
+                break;
+            }
+            // Being read (by the loader or another lookup), or no room until an expert in use
+            // is released.
+            if start.elapsed() > ROOM_TIMEOUT && s.in_flight.is_empty() {
+                return Err(Error::InvalidRequest(format!(
+                    "expert cache: no room for layer {} expert {} in the budget of {} bytes after {} s: the experts in use hold it",
+                    key.layer,
+                    key.expert,
+                    inner.budget,
+                    ROOM_TIMEOUT.as_secs()
+                )));
+            }
+            waited = true;
+            s = inner
+                .changed
+                .wait_timeout(s, Duration::from_millis(2))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        // Read without the lock: other lookups (other threads' batches) go on meanwhile.
-        let start = Instant::now();
-        let (weights, bytes_read, read_time) = self.read(on_disk)?;
-        let weights = Arc::new(weights);
-        let mut s = self.lock();
-        s.bytes_read += bytes_read;
-        s.read_time += read_time;
-        s.stall_time += start.elapsed();
-        if let Some((existing, _)) = s.resident.get(&key).cloned() {
-            // Another thread brought it in while this one read.
-            return Ok(existing);
+        s.counters.misses += 1;
+        let (mut s, result) = inner.load(s, key, Reader::Demand);
+        s.counters.stall_time += start.elapsed();
+        result
+    }
+
+    fn prefetch(&self, layer: usize, experts: &[usize]) {
+        let inner = &*self.inner;
+        let mut s = inner.lock();
+        if !s.policy.prefetches() {
+            return;
         }
-        let size = on_disk.ram_bytes as u64;
-        while s.resident_bytes + size > self.budget {
-            let victim = s.policy.evict().ok_or_else(|| {
-                Error::InvalidRequest(format!(
-                    "expert cache: an expert of {size} bytes does not fit the budget of {} bytes",
-                    self.budget
-                ))
-            })?;
-            if let Some((_, evicted)) = s.resident.remove(&victim) {
-                s.resident_bytes -= evicted;
-                s.evictions += 1;
+        // Prefetches of this layer's previous guess that no lookup used are wasted.
+        let stale: Vec<ExpertKey> = s
+            .unused_prefetches
+            .iter()
+            .filter(|k| k.layer == layer)
+            .copied()
+            .collect();
+        for k in stale {
+            s.unused_prefetches.remove(&k);
+            s.counters.prefetch_wasted += 1;
+        }
+        let guess = s.guess_count;
+        s.guess_count += 1;
+        // Jobs of guesses before the previous one are stale (the previous layer still runs).
+        s.queue.retain(|j| j.guess + 1 >= guess);
+        for &expert in experts {
+            s.queue.push_back(Job {
+                key: ExpertKey { layer, expert },
+                guess,
+            });
+        }
+        s.guesses.insert(layer, experts.to_vec());
+        inner.work.notify_one();
+    }
+
+    fn wants_prefetch(&self) -> bool {
+        self.inner.lock().policy.prefetches()
+    }
+
+    fn routed(&self, layer: usize, n_tokens: usize, experts: &[usize]) {
+        let inner = &*self.inner;
+        let mut s = inner.lock();
+        if layer == inner.first_moe_layer {
+            s.counters.tokens += n_tokens as u64;
+        }
+        s.active = experts
+            .iter()
+            .map(|&expert| ExpertKey { layer, expert })
+            .collect();
+        if let Some(guess) = s.guesses.remove(&layer) {
+            s.counters.guessed_layer_experts += experts.len() as u64;
+            s.counters.guessed_correctly +=
+                experts.iter().filter(|e| guess.contains(e)).count() as u64;
+            // Prefetched for this layer but not routed to: wasted.
+            let unused: Vec<ExpertKey> = guess
+                .iter()
+                .filter(|e| !experts.contains(e))
+                .map(|&expert| ExpertKey { layer, expert })
+                .filter(|k| s.unused_prefetches.contains(k))
+                .collect();
+            for k in unused {
+                s.unused_prefetches.remove(&k);
+                s.counters.prefetch_wasted += 1;
             }
         }
-        debug_assert_eq!(weights.n_bytes() as u64, size);
-        s.resident.insert(key, (weights.clone(), size));
-        s.resident_bytes += size;
-        s.high_water = s.high_water.max(s.resident_bytes);
-        assert!(
-            s.resident_bytes <= self.budget,
-            "expert cache over budget: {} > {}",
-            s.resident_bytes,
-            self.budget
-        );
-        s.policy.on_insert(key);
-        Ok(weights)
     }
 
     fn resident_bytes(&self) -> usize {
-        self.lock().resident_bytes as usize
+        self.inner.lock().resident_bytes as usize
     }
 }
 

@@ -51,7 +51,8 @@ struct ModelArgs {
     /// Default: every expert resident.
     #[arg(long)]
     expert_budget: Option<String>,
-    /// Eviction policy of the expert cache: lru or lfu-decay.
+    /// Policy of the expert cache: lru, lfu-decay, or prefetch (LRU plus routing-aware
+    /// prefetch of the next layer's guessed experts).
     #[arg(long, default_value = "lru", requires = "expert_budget")]
     expert_policy: String,
 }

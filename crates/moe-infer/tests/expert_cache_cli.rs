@@ -53,7 +53,12 @@ fn json_reports_the_cache_only_with_a_budget() {
     let want = &Reference::load("mixtral").unwrap().prompts[0].greedy_new_tokens[..12];
     let got: Vec<u32> = serde_json::from_value(resident["generated_token_ids"].clone()).unwrap();
     assert_eq!(got, want);
-    for (budget, policy) in [("25%", "lru"), ("50%", "lfu-decay"), ("1MiB", "lru")] {
+    for (budget, policy) in [
+        ("25%", "lru"),
+        ("50%", "lfu-decay"),
+        ("50%", "prefetch"),
+        ("1MiB", "lru"),
+    ] {
         let cached = json_of(&generate(&[
             "--json",
             "--expert-budget",
@@ -70,7 +75,21 @@ fn json_reports_the_cache_only_with_a_budget() {
         let n = |k: &str| stats[k].as_u64().unwrap();
         assert!(n("lookups") > 0);
         assert_eq!(n("hits") + n("misses"), n("lookups"));
-        assert!(n("resident_high_water_bytes") <= n("budget_bytes"));
+        assert!(n("peak_bytes") <= n("budget_bytes"));
+        assert!(n("tokens") > 0);
+        let per_token = stats["bytes_per_token"].as_f64().unwrap();
+        assert_eq!(per_token, n("bytes_read") as f64 / n("tokens") as f64);
+        for key in [
+            "prefetches",
+            "prefetch_hits",
+            "prefetch_wasted",
+            "stall_seconds",
+        ] {
+            assert!(stats.get(key).is_some(), "{key}");
+        }
+        if policy == "prefetch" {
+            assert!(n("guessed_layer_experts") > 0);
+        }
         assert!(stats["layer_usage"].as_array().unwrap().len() == 2);
     }
 }
@@ -82,6 +101,17 @@ fn stats_go_to_stderr() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("hit rate"), "{stderr}");
     assert!(stderr.contains("expert usage layer"), "{stderr}");
+    assert!(stderr.contains("/token"), "{stderr}");
+    let out = generate(&[
+        "--expert-budget",
+        "50%",
+        "--expert-policy",
+        "prefetch",
+        "--stats",
+    ]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("guess accuracy"), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("expert cache"), "{stdout}");
 }
@@ -100,5 +130,5 @@ fn bad_budgets_are_one_line_errors() {
         assert_eq!(stderr.trim().lines().count(), 1, "{budget}: {stderr}");
     }
     let out = generate(&["--expert-policy", "fifo", "--expert-budget", "50%"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("lru or lfu-decay"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lru, lfu-decay or prefetch"));
 }

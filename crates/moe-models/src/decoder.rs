@@ -460,6 +460,19 @@ impl DecoderModel {
         KvCache::new(self.hparams.n_layers)
     }
 
+    /// Routing-aware prefetch: layer `layer + 1`'s router (after its own FFN norm) applied to
+    /// `x`, the residual stream after layer `layer`'s attention, guesses its experts; the
+    /// expert source starts loading them while `layer`'s feed-forward computes.
+    fn prefetch_next_layer(&self, layer: usize, x: &Tensor) -> Result<()> {
+        if let Some(next) = self.layers.get(layer + 1) {
+            if let FeedForward::Sparse(moe) = &next.ffn {
+                let guess = moe.guess_experts(&next.ffn_norm.forward(x)?)?;
+                self.experts.prefetch(layer + 1, &guess);
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one batched step. Returns, per sequence, f32 logits `[n_wanted, vocab]`.
     pub fn forward(
         &self,
@@ -540,6 +553,9 @@ impl DecoderModel {
                 &mut slots,
             )?;
             x = (x + scaled(attn_out)?)?;
+            if self.experts.wants_prefetch() {
+                self.prefetch_next_layer(layer_idx, &x)?;
+            }
             let normed = layer.ffn_norm.forward(&x)?;
             let ffn_out = match &layer.ffn {
                 FeedForward::Dense(mlp) => mlp.forward(&normed)?,

@@ -427,6 +427,17 @@ pub trait ExpertSource: Send + Sync {
     /// start loading them; the default does nothing.
     fn prefetch(&self, _layer: usize, _experts: &[usize]) {}
 
+    /// Whether the model should guess each MoE layer's experts early (the next layer's router
+    /// applied to the hidden state after this layer's attention) and pass the guess to
+    /// [`ExpertSource::prefetch`]. The default is no: guessing costs a router matmul per layer.
+    fn wants_prefetch(&self) -> bool {
+        false
+    }
+
+    /// `layer` routed `n_tokens` rows to `experts` (distinct ids, ascending) and is about to
+    /// look them up: for statistics (tokens, guess accuracy); the default does nothing.
+    fn routed(&self, _layer: usize, _n_tokens: usize, _experts: &[usize]) {}
+
     /// Bytes of expert weights this source keeps resident.
     fn resident_bytes(&self) -> usize;
 }

@@ -55,14 +55,8 @@ pub struct SparseMoeBlock {
 }
 
 impl SparseMoeBlock {
-    /// Applies the block to `x` (`[n_tokens, hidden]`).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        observer: Option<&mut dyn RoutingObserver>,
-    ) -> Result<Tensor> {
-        let (n_tokens, hidden) = x.dims2()?;
-        // [n_tokens, n_experts]
+    /// Router logits (`[n_tokens, n_experts]`) and routing of `x` (`[n_tokens, hidden]`).
+    fn route(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
         let logits = if self.f32_logits {
             self.router.forward(&x.to_dtype(DType::F32)?)?
         } else {
@@ -72,12 +66,31 @@ impl SparseMoeBlock {
         if self.round_weights {
             routing.weights = routing.weights.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
         }
+        Ok((logits, routing))
+    }
+
+    /// The experts (ascending ids) this block's router picks for `x`: applied to an earlier
+    /// hidden state, a guess of what the block will need (routing-aware prefetch).
+    pub fn guess_experts(&self, x: &Tensor) -> Result<Vec<usize>> {
+        let (_, routing) = self.route(x)?;
+        let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
+        Ok(groups.active_experts().collect())
+    }
+
+    /// Applies the block to `x` (`[n_tokens, hidden]`).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        observer: Option<&mut dyn RoutingObserver>,
+    ) -> Result<Tensor> {
+        let (n_tokens, hidden) = x.dims2()?;
+        let (logits, routing) = self.route(x)?;
         if let Some(observer) = observer {
             observer.on_routing(self.layer, &logits, &routing);
         }
         let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
         let active: Vec<usize> = groups.active_experts().collect();
-        self.experts.prefetch(self.layer, &active);
+        self.experts.routed(self.layer, n_tokens, &active);
         let mut outputs = Vec::with_capacity(active.len());
         for &expert in &active {
             let (rows, _) = groups.rows(expert);
