@@ -12,11 +12,13 @@
 
 pub mod budget;
 mod loader;
+pub mod placement;
 pub mod policy;
 pub mod stats;
 pub mod tiered;
 
 pub use budget::ExpertBudget;
+pub use placement::{ExpertCost, Placement, TierCosts};
 pub use policy::{CachePolicy, LfuDecay, Lru, PolicyKind, RoutingPrefetch};
 pub use stats::{ExpertCacheStats, LayerUsage};
 pub use tiered::{transient_bytes, TieredExperts, TieredExpertsBuilder};
