@@ -29,7 +29,7 @@ pub struct EngineOptions {
     /// Host-RAM budget for routed experts: `None` loads every expert; `Some` reads them on
     /// demand from the checkpoint files into a cache of at most this many bytes.
     pub expert_budget: Option<ExpertBudget>,
-    /// Eviction policy of the expert cache (ignored without a budget).
+    /// Policy of the expert cache: eviction, and whether to prefetch (ignored without a budget).
     pub expert_policy: PolicyKind,
 }
 
