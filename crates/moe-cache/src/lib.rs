@@ -15,10 +15,12 @@ mod loader;
 pub mod placement;
 pub mod policy;
 pub mod stats;
+pub mod tier;
 pub mod tiered;
 
 pub use budget::ExpertBudget;
 pub use placement::{ExpertCost, Placement, TierCosts};
 pub use policy::{CachePolicy, LfuDecay, Lru, PolicyKind, RoutingPrefetch};
 pub use stats::{ExpertCacheStats, LayerUsage};
-pub use tiered::{transient_bytes, TieredExperts, TieredExpertsBuilder};
+pub use tier::{transient_bytes, DiskTier, HostTier, Loaded, LowerTier};
+pub use tiered::{TieredExperts, TieredExpertsBuilder};

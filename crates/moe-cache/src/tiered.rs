@@ -10,38 +10,23 @@
 //! block computes one expert at a time, so one expert's transient bytes are the minimum budget.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
 use moe_core::{Error, ExpertKey, Result};
 use moe_kernels::ExpertWeights;
-use moe_models::{ExpertLayerLayout, ExpertOnDisk, ExpertSource, ExpertSourceFactory};
+use moe_models::{ExpertLayerLayout, ExpertSource, ExpertSourceFactory};
 
 use crate::budget::ExpertBudget;
 use crate::loader::Loader;
 use crate::policy::{CachePolicy, PolicyKind};
 use crate::stats::{ratio, ExpertCacheStats, LayerUsage};
+use crate::tier::{DiskTier, HostTier, LowerTier};
 
 /// How long a lookup waits for room before concluding that the budget is held by experts in
 /// use that will not be released (a caller holding more experts at once than fit).
 const ROOM_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Bytes one expert may take while it is read and decoded. Three float tensors whose bytes
-/// on disk equal the decoded size (per-expert layout, stored in the compute dtype) decode with
-/// one copy each: raw buffers plus weights. Anything else (a dtype change, a stacked layout's
-/// fused gate/up, MXFP4's dequantized values) may hold one more decoded-size copy.
-pub fn transient_bytes(on_disk: &ExpertOnDisk) -> u64 {
-    let disk: u64 = on_disk.tensors.iter().map(|t| t.len as u64).sum();
-    let ram = on_disk.ram_bytes as u64;
-    if on_disk.tensors.len() == 3 && disk == ram {
-        disk + ram
-    } else {
-        disk + 2 * ram
-    }
-}
 
 /// Counters, zeroed by [`TieredExperts::reset_stats`].
 #[derive(Default)]
@@ -98,9 +83,8 @@ pub(crate) struct State {
 
 /// The part of the cache the loader thread shares.
 pub(crate) struct Inner {
-    /// `experts[layer][expert]`; empty for dense layers.
-    experts: Vec<Vec<ExpertOnDisk>>,
-    files: HashMap<PathBuf, File>,
+    /// Where misses come from.
+    lower: Arc<dyn LowerTier>,
     budget: u64,
     total_bytes: u64,
     /// The most one read reserves: the minimum budget.
@@ -127,15 +111,6 @@ impl Inner {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves counters, not invariants, half-updated.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn on_disk(&self, key: ExpertKey) -> Result<&ExpertOnDisk> {
-        self.experts
-            .get(key.layer)
-            .and_then(|layer| layer.get(key.expert))
-            .ok_or_else(|| {
-                Error::InvalidRequest(format!("layer {} has no expert {}", key.layer, key.expert))
-            })
     }
 
     /// Evicts experts (policy's choice among those `reader` may evict) until `need` more bytes
@@ -191,52 +166,33 @@ impl Inner {
         );
     }
 
-    /// Reads and decodes one expert; returns it with the bytes read and the time spent reading.
-    fn read(&self, on_disk: &ExpertOnDisk) -> Result<(ExpertWeights, u64, Duration)> {
-        let mut read_time = Duration::ZERO;
-        let mut bytes_read = 0u64;
-        let mut buffers = Vec::with_capacity(on_disk.tensors.len());
-        for t in &on_disk.tensors {
-            let file = &self.files[&t.path];
-            let mut buffer = vec![0u8; t.len];
-            let start = Instant::now();
-            file.read_exact_at(&mut buffer, t.offset)
-                .map_err(|source| Error::Io {
-                    path: t.path.clone(),
-                    source,
-                })?;
-            read_time += start.elapsed();
-            bytes_read += t.len as u64;
-            buffers.push(buffer);
-        }
-        let weights = on_disk.decode(&buffers)?;
-        Ok((weights, bytes_read, read_time))
-    }
-
-    /// Reads `key`, for which room was made, without the lock, and makes it resident.
+    /// Loads `key` from the lower tier, for which room was made, without the lock, and makes
+    /// it resident.
     fn load<'a>(
         &'a self,
         mut s: MutexGuard<'a, State>,
         key: ExpertKey,
         reader: Reader,
     ) -> (MutexGuard<'a, State>, Result<Arc<ExpertWeights>>) {
-        let on_disk = match self.on_disk(key) {
-            Ok(d) => d,
+        let sizes = self
+            .lower
+            .transient_bytes(key)
+            .and_then(|need| Ok((need, self.lower.ram_bytes(key)?)));
+        let (need, size) = match sizes {
+            Ok(sizes) => sizes,
             Err(e) => return (s, Err(e)),
         };
-        let need = transient_bytes(on_disk);
         self.reserve(&mut s, key, need);
         drop(s);
-        let read = self.read(on_disk);
+        let loaded = self.lower.load(key);
         let mut s = self.lock();
         s.in_flight.remove(&key);
         s.reserved_bytes -= need;
-        let result = read.map(|(weights, bytes_read, read_time)| {
-            let size = on_disk.ram_bytes as u64;
-            debug_assert_eq!(weights.n_bytes() as u64, size);
-            let weights = Arc::new(weights);
-            s.counters.bytes_read += bytes_read;
-            s.counters.read_time += read_time;
+        let result = loaded.map(|loaded| {
+            debug_assert_eq!(loaded.weights.n_bytes() as u64, size);
+            let weights = Arc::new(loaded.weights);
+            s.counters.bytes_read += loaded.bytes_moved;
+            s.counters.read_time += loaded.move_time;
             s.resident.insert(key, (weights.clone(), size));
             s.resident_bytes += size;
             self.note_peak(&mut s);
@@ -265,10 +221,10 @@ impl Inner {
         {
             return s;
         }
-        let Ok(on_disk) = self.on_disk(key) else {
+        let Ok(need) = self.lower.transient_bytes(key) else {
             return s;
         };
-        if !self.make_room(&mut s, transient_bytes(on_disk), Reader::Prefetch) {
+        if !self.make_room(&mut s, need, Reader::Prefetch) {
             s.counters.prefetch_dropped += 1;
             return s;
         }
@@ -288,38 +244,40 @@ pub struct TieredExperts {
 }
 
 impl TieredExperts {
-    /// Indexes where every routed expert of `layouts` lies (nothing is read; every expert
-    /// layout, per-expert or stacked, float or MXFP4, is supported) and checks that the
-    /// budget holds one expert while it is read ([`transient_bytes`]): the MoE block loads,
-    /// computes and releases its experts one at a time, so that is what one step needs.
+    /// A cache over the checkpoint files ([`DiskTier`]) for the MoE layers `layouts` of a
+    /// model of `n_layers` decoder layers; see [`TieredExperts::over`].
     pub fn open(
         n_layers: usize,
         layouts: &[ExpertLayerLayout],
         budget: ExpertBudget,
         policy: Box<dyn CachePolicy>,
     ) -> Result<Self> {
-        let mut experts: Vec<Vec<ExpertOnDisk>> = (0..n_layers).map(|_| Vec::new()).collect();
-        let mut files = HashMap::new();
+        Self::over(Arc::new(DiskTier::open(n_layers, layouts)?), budget, policy)
+    }
+
+    /// A cache of at most `budget` over `lower` (nothing is loaded yet). Checks that the
+    /// budget holds one expert while it is loaded ([`LowerTier::transient_bytes`]): the MoE
+    /// block loads, computes and releases its experts one at a time, so that is what one step
+    /// needs.
+    pub fn over(
+        lower: Arc<dyn LowerTier>,
+        budget: ExpertBudget,
+        policy: Box<dyn CachePolicy>,
+    ) -> Result<Self> {
+        let per_layer = lower.experts_per_layer();
+        let mut total_bytes = 0u64;
         // (bytes, layer) of the largest single-expert need.
         let mut min_need = (0u64, 0usize);
-        for l in layouts {
-            let layer = l.experts_on_disk()?;
-            for t in layer.iter().flat_map(|x| &x.tensors) {
-                if !files.contains_key(&t.path) {
-                    let file = File::open(&t.path).map_err(|source| Error::Io {
-                        path: t.path.clone(),
-                        source,
-                    })?;
-                    files.insert(t.path.clone(), file);
+        for (layer, &n) in per_layer.iter().enumerate() {
+            for expert in 0..n {
+                let key = ExpertKey { layer, expert };
+                total_bytes += lower.ram_bytes(key)?;
+                let need = lower.transient_bytes(key)?;
+                if need > min_need.0 {
+                    min_need = (need, layer);
                 }
             }
-            let need = layer.iter().map(transient_bytes).max().unwrap_or(0);
-            if need > min_need.0 {
-                min_need = (need, l.layer);
-            }
-            experts[l.layer] = layer;
         }
-        let total_bytes: u64 = experts.iter().flatten().map(|x| x.ram_bytes as u64).sum();
         let budget_bytes = budget.resolve(total_bytes);
         if budget_bytes < min_need.0 {
             let given = match budget {
@@ -331,12 +289,11 @@ impl TieredExperts {
                 min_need.0, min_need.1
             )));
         }
-        let usage = experts.iter().map(|l| vec![0; l.len()]).collect();
+        let usage = per_layer.iter().map(|&n| vec![0; n]).collect();
         let prefetches = policy.prefetches();
         let inner = Arc::new(Inner {
-            first_moe_layer: layouts.iter().map(|l| l.layer).min().unwrap_or(0),
-            experts,
-            files,
+            first_moe_layer: per_layer.iter().position(|&n| n > 0).unwrap_or(0),
+            lower,
             budget: budget_bytes,
             total_bytes,
             min_budget: min_need.0,
@@ -366,6 +323,11 @@ impl TieredExperts {
             inner,
             _loader: loader,
         })
+    }
+
+    /// The tier this cache loads from.
+    pub fn lower(&self) -> &Arc<dyn LowerTier> {
+        &self.inner.lower
     }
 
     /// The budget in bytes.
@@ -453,7 +415,7 @@ impl TieredExperts {
 impl ExpertSource for TieredExperts {
     fn expert(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
         let inner = &*self.inner;
-        let need = transient_bytes(inner.on_disk(key)?);
+        let need = inner.lower.transient_bytes(key)?;
         let start = Instant::now();
         let mut s = inner.lock();
         s.usage[key.layer][key.expert] += 1;
@@ -568,26 +530,47 @@ impl ExpertSource for TieredExperts {
 }
 
 /// The [`ExpertSourceFactory`] the engine passes in `LoadOptions`: builds a [`TieredExperts`]
-/// with this budget and policy, and keeps it so the engine can read its statistics.
+/// with this budget and policy, and keeps it so the engine can read its statistics. With
+/// [`TieredExpertsBuilder::with_host_tier`], two tiers: a cache on a device over an LRU host-RAM
+/// cache over the files.
 pub struct TieredExpertsBuilder {
     budget: ExpertBudget,
     policy: PolicyKind,
-    built: Mutex<Option<Arc<TieredExperts>>>,
+    /// Host-RAM budget and the upper tier's device, for two tiers.
+    host: Option<(ExpertBudget, Device)>,
+    built: Mutex<Option<(Arc<TieredExperts>, Option<Arc<TieredExperts>>)>>,
 }
 
 impl TieredExpertsBuilder {
-    /// A builder for `budget` and `policy`.
+    /// A builder for `budget` and `policy` (one tier: RAM over disk).
     pub fn new(budget: ExpertBudget, policy: PolicyKind) -> Self {
         Self {
             budget,
             policy,
+            host: None,
             built: Mutex::new(None),
         }
     }
 
-    /// The cache built by the last successful load, if any.
-    pub fn built(&self) -> Option<Arc<TieredExperts>> {
+    /// Two tiers: the cache of `budget` holds experts on `device` and loads them from an LRU
+    /// host-RAM cache of `host_budget` (`--host-budget`), which reads the files.
+    pub fn with_host_tier(mut self, host_budget: ExpertBudget, device: Device) -> Self {
+        self.host = Some((host_budget, device));
+        self
+    }
+
+    fn built_pair(&self) -> Option<(Arc<TieredExperts>, Option<Arc<TieredExperts>>)> {
         self.built.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The (upper) cache built by the last successful load, if any.
+    pub fn built(&self) -> Option<Arc<TieredExperts>> {
+        self.built_pair().map(|(upper, _)| upper)
+    }
+
+    /// The host-RAM cache under the upper one, with two tiers.
+    pub fn built_host(&self) -> Option<Arc<TieredExperts>> {
+        self.built_pair().and_then(|(_, host)| host)
     }
 }
 
@@ -596,6 +579,7 @@ impl std::fmt::Debug for TieredExpertsBuilder {
         f.debug_struct("TieredExpertsBuilder")
             .field("budget", &self.budget)
             .field("policy", &self.policy)
+            .field("host", &self.host.as_ref().map(|(b, _)| b))
             .field("built", &self.built().is_some())
             .finish()
     }
@@ -608,13 +592,22 @@ impl ExpertSourceFactory for TieredExpertsBuilder {
         layouts: &[ExpertLayerLayout],
     ) -> Result<Arc<dyn ExpertSource>> {
         let lookups_per_token = layouts.iter().map(|l| l.top_k).sum();
-        let cache = Arc::new(TieredExperts::open(
-            n_layers,
-            layouts,
-            self.budget,
-            self.policy.build(lookups_per_token),
-        )?);
-        *self.built.lock().unwrap_or_else(|p| p.into_inner()) = Some(cache.clone());
+        let policy = self.policy.build(lookups_per_token);
+        let disk: Arc<dyn LowerTier> = Arc::new(DiskTier::open(n_layers, layouts)?);
+        let (cache, host) = match &self.host {
+            None => (TieredExperts::over(disk, self.budget, policy)?, None),
+            Some((host_budget, device)) => {
+                let host = Arc::new(TieredExperts::over(
+                    disk,
+                    *host_budget,
+                    PolicyKind::Lru.build(lookups_per_token),
+                )?);
+                let tier = Arc::new(HostTier::new(host.clone(), device.clone()));
+                (TieredExperts::over(tier, self.budget, policy)?, Some(host))
+            }
+        };
+        let cache = Arc::new(cache);
+        *self.built.lock().unwrap_or_else(|p| p.into_inner()) = Some((cache.clone(), host));
         Ok(cache)
     }
 }

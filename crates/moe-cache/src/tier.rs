@@ -1,0 +1,195 @@
+//! Where a cache's misses come from: the tier below it. [`DiskTier`] reads the checkpoint's
+//! safetensors files (RAM over disk); [`HostTier`] takes experts from a host-RAM
+//! [`TieredExperts`] and copies them to a device (GPU over host). The cache, its budget
+//! accounting and its policies are the same code over either.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use moe_core::{Error, ExpertKey, Result};
+use moe_kernels::ExpertWeights;
+use moe_models::{ExpertLayerLayout, ExpertOnDisk, ExpertSource};
+
+use crate::tiered::TieredExperts;
+
+/// One expert brought up from a lower tier.
+pub struct Loaded {
+    /// The weights, owned, on the upper tier's device.
+    pub weights: ExpertWeights,
+    /// Bytes moved from the lower tier.
+    pub bytes_moved: u64,
+    /// Time spent moving them (reads, copies).
+    pub move_time: Duration,
+}
+
+/// The tier below a cache.
+pub trait LowerTier: Send + Sync {
+    /// Experts per decoder layer (0 for dense layers).
+    fn experts_per_layer(&self) -> Vec<usize>;
+    /// Bytes of `key`'s weights once loaded into the upper tier.
+    fn ram_bytes(&self, key: ExpertKey) -> Result<u64>;
+    /// Bytes the upper tier must reserve while `key` is being loaded into it.
+    fn transient_bytes(&self, key: ExpertKey) -> Result<u64>;
+    /// Loads an owned copy of `key` for the upper tier.
+    fn load(&self, key: ExpertKey) -> Result<Loaded>;
+}
+
+/// Bytes one expert may take while it is read and decoded. Three float tensors whose bytes
+/// on disk equal the decoded size (per-expert layout, stored in the compute dtype) decode with
+/// one copy each: raw buffers plus weights. Anything else (a dtype change, a stacked layout's
+/// fused gate/up, MXFP4's dequantized values) may hold one more decoded-size copy.
+pub fn transient_bytes(on_disk: &ExpertOnDisk) -> u64 {
+    let disk: u64 = on_disk.tensors.iter().map(|t| t.len as u64).sum();
+    let ram = on_disk.ram_bytes as u64;
+    if on_disk.tensors.len() == 3 && disk == ram {
+        disk + ram
+    } else {
+        disk + 2 * ram
+    }
+}
+
+/// Routed experts in the checkpoint files, read with positioned reads into owned buffers (not
+/// the mmap) and decoded.
+pub struct DiskTier {
+    /// `experts[layer][expert]`; empty for dense layers.
+    experts: Vec<Vec<ExpertOnDisk>>,
+    files: HashMap<PathBuf, File>,
+}
+
+impl DiskTier {
+    /// Indexes where every routed expert of `layouts` lies and opens the files (nothing is
+    /// read; every expert layout, per-expert or stacked, float or MXFP4, is supported).
+    pub fn open(n_layers: usize, layouts: &[ExpertLayerLayout]) -> Result<Self> {
+        let mut experts: Vec<Vec<ExpertOnDisk>> = (0..n_layers).map(|_| Vec::new()).collect();
+        let mut files = HashMap::new();
+        for l in layouts {
+            let layer = l.experts_on_disk()?;
+            for t in layer.iter().flat_map(|x| &x.tensors) {
+                if !files.contains_key(&t.path) {
+                    let file = File::open(&t.path).map_err(|source| Error::Io {
+                        path: t.path.clone(),
+                        source,
+                    })?;
+                    files.insert(t.path.clone(), file);
+                }
+            }
+            experts[l.layer] = layer;
+        }
+        Ok(Self { experts, files })
+    }
+
+    fn on_disk(&self, key: ExpertKey) -> Result<&ExpertOnDisk> {
+        self.experts
+            .get(key.layer)
+            .and_then(|layer| layer.get(key.expert))
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!("layer {} has no expert {}", key.layer, key.expert))
+            })
+    }
+}
+
+impl LowerTier for DiskTier {
+    fn experts_per_layer(&self) -> Vec<usize> {
+        self.experts.iter().map(Vec::len).collect()
+    }
+
+    fn ram_bytes(&self, key: ExpertKey) -> Result<u64> {
+        Ok(self.on_disk(key)?.ram_bytes as u64)
+    }
+
+    fn transient_bytes(&self, key: ExpertKey) -> Result<u64> {
+        Ok(transient_bytes(self.on_disk(key)?))
+    }
+
+    fn load(&self, key: ExpertKey) -> Result<Loaded> {
+        let on_disk = self.on_disk(key)?;
+        let mut move_time = Duration::ZERO;
+        let mut bytes_moved = 0u64;
+        let mut buffers = Vec::with_capacity(on_disk.tensors.len());
+        for t in &on_disk.tensors {
+            let file = &self.files[&t.path];
+            let mut buffer = vec![0u8; t.len];
+            let start = Instant::now();
+            file.read_exact_at(&mut buffer, t.offset)
+                .map_err(|source| Error::Io {
+                    path: t.path.clone(),
+                    source,
+                })?;
+            move_time += start.elapsed();
+            bytes_moved += t.len as u64;
+            buffers.push(buffer);
+        }
+        Ok(Loaded {
+            weights: on_disk.decode(&buffers)?,
+            bytes_moved,
+            move_time,
+        })
+    }
+}
+
+/// Experts from a host-RAM cache, copied to `device` (the GPU tier's lower tier). The host
+/// copy stays pinned in the host cache only while it is being copied.
+pub struct HostTier {
+    host: Arc<TieredExperts>,
+    device: Device,
+}
+
+impl HostTier {
+    /// Copies experts of `host` to `device`.
+    pub fn new(host: Arc<TieredExperts>, device: Device) -> Self {
+        Self { host, device }
+    }
+
+    /// The host cache (for its statistics).
+    pub fn host(&self) -> &Arc<TieredExperts> {
+        &self.host
+    }
+}
+
+impl LowerTier for HostTier {
+    fn experts_per_layer(&self) -> Vec<usize> {
+        self.host.lower().experts_per_layer()
+    }
+
+    fn ram_bytes(&self, key: ExpertKey) -> Result<u64> {
+        self.host.lower().ram_bytes(key)
+    }
+
+    /// The device copy only: the host copy counts against the host budget.
+    fn transient_bytes(&self, key: ExpertKey) -> Result<u64> {
+        self.ram_bytes(key)
+    }
+
+    fn load(&self, key: ExpertKey) -> Result<Loaded> {
+        let host = self.host.expert(key)?;
+        let start = Instant::now();
+        let copy = |t: &candle_core::Tensor| -> Result<candle_core::Tensor> {
+            // `to_device` to the same device shares storage: force an owned copy so the upper
+            // tier's bytes are its own.
+            Ok(if t.device().same_device(&self.device) {
+                t.copy()?
+            } else {
+                t.to_device(&self.device)?
+            })
+        };
+        let opt = |t: &Option<candle_core::Tensor>| t.as_ref().map(copy).transpose();
+        let weights = ExpertWeights {
+            gate: copy(&host.gate)?,
+            up: copy(&host.up)?,
+            down: copy(&host.down)?,
+            gate_bias: opt(&host.gate_bias)?,
+            up_bias: opt(&host.up_bias)?,
+            down_bias: opt(&host.down_bias)?,
+        };
+        Ok(Loaded {
+            bytes_moved: weights.n_bytes() as u64,
+            weights,
+            move_time: start.elapsed(),
+        })
+    }
+}
