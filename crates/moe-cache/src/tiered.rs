@@ -593,10 +593,21 @@ impl ExpertSourceFactory for TieredExpertsBuilder {
     ) -> Result<Arc<dyn ExpertSource>> {
         let lookups_per_token = layouts.iter().map(|l| l.top_k).sum();
         let policy = self.policy.build(lookups_per_token);
-        let disk: Arc<dyn LowerTier> = Arc::new(DiskTier::open(n_layers, layouts)?);
         let (cache, host) = match &self.host {
-            None => (TieredExperts::over(disk, self.budget, policy)?, None),
+            None => (
+                TieredExperts::open(n_layers, layouts, self.budget, policy)?,
+                None,
+            ),
             Some((host_budget, device)) => {
+                // The host tier decodes into host RAM, whatever the model's device.
+                let on_host: Vec<ExpertLayerLayout> = layouts
+                    .iter()
+                    .map(|l| ExpertLayerLayout {
+                        block: l.block.on_device(Device::Cpu),
+                        ..l.clone()
+                    })
+                    .collect();
+                let disk: Arc<dyn LowerTier> = Arc::new(DiskTier::open(n_layers, &on_host)?);
                 let host = Arc::new(TieredExperts::over(
                     disk,
                     *host_budget,

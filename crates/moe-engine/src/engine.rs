@@ -31,6 +31,9 @@ pub struct EngineOptions {
     pub expert_budget: Option<ExpertBudget>,
     /// Policy of the expert cache: eviction, and whether to prefetch (ignored without a budget).
     pub expert_policy: PolicyKind,
+    /// With a GPU device: `expert_budget` is the GPU tier's and this the host-RAM tier's under
+    /// it (`--host-budget`). Refused on the CPU, where `expert_budget` is the RAM budget.
+    pub host_budget: Option<ExpertBudget>,
 }
 
 /// The folder of the bundled demo model: `$MOE_INFER_BUNDLED_MODEL`, else `models/tinystories-moe`
@@ -55,6 +58,8 @@ pub struct Engine {
     model_dir: PathBuf,
     load_seconds: f64,
     expert_cache: Option<Arc<TieredExperts>>,
+    /// The host-RAM tier under a GPU expert cache (`--host-budget`).
+    host_cache: Option<Arc<TieredExperts>>,
 }
 
 impl Engine {
@@ -78,9 +83,25 @@ impl Engine {
         let config = ConfigFile::read(&dir.join("config.json"))?;
         let stored = Checkpoint::open_dir(&dir)?.dominant_dtype();
         let dtype = options.dtype.resolve(&device, stored.as_deref());
-        let builder = options
-            .expert_budget
-            .map(|budget| Arc::new(TieredExpertsBuilder::new(budget, options.expert_policy)));
+        let builder = match (options.expert_budget, options.host_budget) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::InvalidRequest(
+                    "--host-budget is the RAM tier under --expert-budget's GPU tier: give --expert-budget too".into(),
+                ))
+            }
+            (Some(budget), None) => Some(TieredExpertsBuilder::new(budget, options.expert_policy)),
+            (Some(_), Some(_)) if device.is_cpu() => {
+                return Err(Error::InvalidRequest(
+                    "--host-budget needs --device cuda: on the CPU, --expert-budget is the RAM budget".into(),
+                ))
+            }
+            (Some(budget), Some(host)) => Some(
+                TieredExpertsBuilder::new(budget, options.expert_policy)
+                    .with_host_tier(host, device.clone()),
+            ),
+        }
+        .map(Arc::new);
         let load_options = LoadOptions {
             dtype,
             device,
@@ -89,7 +110,8 @@ impl Engine {
                 .map(|b| b as Arc<dyn moe_models::ExpertSourceFactory>),
         };
         let model = load_decoder(&dir, &load_options, options.show_progress)?;
-        let expert_cache = builder.and_then(|b| b.built());
+        let expert_cache = builder.as_ref().and_then(|b| b.built());
+        let host_cache = builder.and_then(|b| b.built_host());
         let tokenizer_config = ConfigFile::read_optional(&dir.join("tokenizer_config.json"))?;
         let generation_config = ConfigFile::read_optional(&dir.join("generation_config.json"))?;
         let tokenizer = TextTokenizer::load(
@@ -115,6 +137,7 @@ impl Engine {
             model_dir: dir,
             load_seconds: start.elapsed().as_secs_f64(),
             expert_cache,
+            host_cache,
         })
     }
 
@@ -126,6 +149,11 @@ impl Engine {
     /// The expert cache's statistics since load (or the last reset); `None` without a budget.
     pub fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         self.expert_cache.as_ref().map(|c| c.stats())
+    }
+
+    /// The host-RAM tier's statistics under a GPU expert cache; `None` without `--host-budget`.
+    pub fn host_cache_stats(&self) -> Option<ExpertCacheStats> {
+        self.host_cache.as_ref().map(|c| c.stats())
     }
 
     /// The model.

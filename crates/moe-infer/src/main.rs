@@ -55,6 +55,10 @@ struct ModelArgs {
     /// prefetch of the next layer's guessed experts).
     #[arg(long, default_value = "lru", requires = "expert_budget")]
     expert_policy: String,
+    /// With --device cuda: host-RAM budget (bytes or %) of the tier under --expert-budget's
+    /// GPU tier.
+    #[arg(long)]
+    host_budget: Option<String>,
 }
 
 impl ModelArgs {
@@ -70,6 +74,11 @@ impl ModelArgs {
                 .map(str::parse::<ExpertBudget>)
                 .transpose()?,
             expert_policy: self.expert_policy.parse::<PolicyKind>()?,
+            host_budget: self
+                .host_budget
+                .as_deref()
+                .map(str::parse::<ExpertBudget>)
+                .transpose()?,
         };
         Ok(Engine::load(&options)?)
     }
@@ -261,6 +270,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 eprintln!("{stats}");
             }
         }
+        if let Some(stats) = engine.host_cache_stats() {
+            value["expert_cache_host"] = serde_json::to_value(&stats)?;
+            if args.stats {
+                eprintln!("host tier: {stats}");
+            }
+        }
         writeln!(std::io::stdout(), "{}", serde_json::to_string(&value)?)?;
         return Ok(());
     }
@@ -289,6 +304,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         match engine.expert_cache_stats() {
             Some(stats) => eprintln!("{stats}"),
             None => eprintln!("expert cache: off (every expert resident; set --expert-budget)"),
+        }
+        if let Some(stats) = engine.host_cache_stats() {
+            eprintln!("host tier: {stats}");
         }
     }
     Ok(())

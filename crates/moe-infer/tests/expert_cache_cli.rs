@@ -129,6 +129,19 @@ fn bad_budgets_are_one_line_errors() {
         assert!(stderr.contains(says), "{budget}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{budget}: {stderr}");
     }
+    for (extra, says) in [
+        (
+            &["--expert-budget", "25%", "--host-budget", "50%"][..],
+            "needs --device cuda",
+        ),
+        (&["--host-budget", "50%"][..], "give --expert-budget too"),
+    ] {
+        let out = generate(extra);
+        assert!(!out.status.success(), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
+    }
     let out = generate(&["--expert-policy", "fifo", "--expert-budget", "50%"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("lru, lfu-decay or prefetch"));
 }

@@ -336,6 +336,14 @@ impl TensorLookup {
         }
     }
 
+    /// The same view reading onto `device`.
+    pub fn on_device(&self, device: Device) -> Self {
+        Self {
+            device,
+            ..self.clone()
+        }
+    }
+
     /// The view under `prefix` (joined with a `.`).
     pub fn pp(&self, prefix: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() {
