@@ -1,6 +1,9 @@
 //! The tiered expert cache: an [`moe_models::ExpertSource`] that keeps routed experts on disk
 //! (the checkpoint's safetensors files, read on demand with positioned reads into owned buffers,
-//! not through the mmap) and at most a byte budget of them in host RAM.
+//! not through the mmap) and at most a byte budget of them in host RAM — or, with two tiers, a
+//! device budget of them on the GPU over a host-RAM cache. A cache loads its misses from a
+//! [`LowerTier`] ([`DiskTier`], [`HostTier`]); [`placement`] is Fiddler's fetch-or-compute cost
+//! model for a lower tier that can compute.
 //!
 //! The budget counts everything experts take, including reads in flight and experts in use, and
 //! is never exceeded. A [`CachePolicy`] ([`Lru`], [`LfuDecay`], [`RoutingPrefetch`]) picks what to
