@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use moe_core::{ExpertKey, Result, Routing, RoutingSpec};
+use moe_kernels::cpu::{fast_grouped_experts, numerics, Numerics};
 use moe_kernels::{combine, expert_ffn, route_with_bias, ExpertActivation, ExpertGroups};
 
 use crate::blocks::linear::Linear;
@@ -61,7 +62,6 @@ impl SparseMoeBlock {
         x: &Tensor,
         observer: Option<&mut dyn RoutingObserver>,
     ) -> Result<Tensor> {
-        let (n_tokens, hidden) = x.dims2()?;
         // [n_tokens, n_experts]
         let logits = if self.f32_logits {
             self.router.forward(&x.to_dtype(DType::F32)?)?
@@ -78,19 +78,10 @@ impl SparseMoeBlock {
         let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
         let active: Vec<usize> = groups.active_experts().collect();
         self.experts.prefetch(self.layer, &active);
-        let mut outputs = Vec::with_capacity(active.len());
-        for &expert in &active {
-            let (rows, _) = groups.rows(expert);
-            let rows = Tensor::from_slice(rows, rows.len(), x.device())?;
-            // [n_rows, hidden]
-            let expert_in = x.index_select(&rows, 0)?;
-            let weights = self.experts.expert(ExpertKey {
-                layer: self.layer,
-                expert,
-            })?;
-            outputs.push(expert_ffn(&expert_in, &weights, self.activation)?);
-        }
-        let mut y = combine(n_tokens, hidden, &groups, &outputs, x.dtype(), x.device())?;
+        let mut y = match self.routed_fast(x, &groups, &active)? {
+            Some(y) => y,
+            None => self.routed_reference(x, &groups, &active)?,
+        };
         if let Some(shared) = &self.shared {
             let mut s = shared.mlp.forward(x)?;
             if let Some(gate) = &shared.gate {
@@ -102,5 +93,63 @@ impl SparseMoeBlock {
             y = (y + s)?;
         }
         Ok(y)
+    }
+
+    /// The routed experts with the grouped CPU kernel ([`fast_grouped_experts`]): gate and up
+    /// fused with the activation, the down projection accumulated into the output rows.
+    /// `None` when it does not apply (torch-exact numerics, not the CPU, other dtypes).
+    fn routed_fast(
+        &self,
+        x: &Tensor,
+        groups: &ExpertGroups,
+        active: &[usize],
+    ) -> Result<Option<Tensor>> {
+        if numerics() != Numerics::Fast || !x.device().is_cpu() || active.is_empty() {
+            return Ok(None);
+        }
+        let weights = active
+            .iter()
+            .map(|&expert| {
+                self.experts.expert(ExpertKey {
+                    layer: self.layer,
+                    expert,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = fast_grouped_experts(x, groups, &weights, self.activation)?;
+        if y.is_none() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!(
+                    "moe-models: experts stored as {:?}: no grouped CPU kernel, using the per-expert candle path",
+                    weights[0].gate.dtype()
+                )
+            });
+        }
+        Ok(y)
+    }
+
+    /// The routed experts one at a time with [`expert_ffn`], then [`combine`]: the path that
+    /// rounds like torch (bf16 parity) and the one for other devices.
+    fn routed_reference(
+        &self,
+        x: &Tensor,
+        groups: &ExpertGroups,
+        active: &[usize],
+    ) -> Result<Tensor> {
+        let (n_tokens, hidden) = x.dims2()?;
+        let mut outputs = Vec::with_capacity(active.len());
+        for &expert in active {
+            let (rows, _) = groups.rows(expert);
+            let rows = Tensor::from_slice(rows, rows.len(), x.device())?;
+            // [n_rows, hidden]
+            let expert_in = x.index_select(&rows, 0)?;
+            let weights = self.experts.expert(ExpertKey {
+                layer: self.layer,
+                expert,
+            })?;
+            outputs.push(expert_ffn(&expert_in, &weights, self.activation)?);
+        }
+        combine(n_tokens, hidden, groups, &outputs, x.dtype(), x.device())
     }
 }
