@@ -7,6 +7,8 @@
 //! row of `x` (so a decode step with a few rows per matrix streams each weight once). Columns
 //! (rows of `W`) are split over the [`pool`](super::pool); each finished dot product goes to a
 //! [`Sink`], which stores it ([`StoreSink`]) or, in the MoE FFN, scatter-accumulates it.
+//! From [`PACKED_MIN_ROWS`](super::gemm_packed::PACKED_MIN_ROWS) rows of `x` on (prefill)
+//! the columns go through widened packed panels instead ([`super::gemm_packed`]).
 //! Without AVX2/FMA (detected at run time) a scalar loop computes the same tiles, and says so
 //! once on stderr.
 
@@ -125,6 +127,12 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
 ) {
     assert!(x.len() >= m * k && w.len() >= cols.end * k, "matmul_nt_cols: short operands");
     let avx2 = has_avx2_fma();
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && m >= super::gemm_packed::PACKED_MIN_ROWS {
+        // SAFETY: AVX2/FMA detected; operand lengths asserted above.
+        unsafe { super::gemm_packed::matmul_nt_packed(x, m, k, w, cols, sink) };
+        return;
+    }
     let mut c0 = cols.start;
     while c0 < cols.end {
         let c1 = (c0 + COL_BLOCK).min(cols.end);
@@ -291,7 +299,7 @@ mod tests {
     #[test]
     fn matches_f64_reference_on_edge_shapes() {
         // Sizes off the vector width (k), off the tile (m, n), one row, and a parallel case.
-        for (m, k, n) in [(1, 1, 1), (1, 7, 5), (1, 33, 9), (2, 64, 4), (3, 17, 7), (4, 40, 13), (7, 100, 130), (1, 256, 300), (5, 96, 1100)] {
+        for (m, k, n) in [(1, 1, 1), (1, 7, 5), (1, 33, 9), (2, 64, 4), (3, 17, 7), (4, 40, 13), (7, 100, 130), (1, 256, 300), (5, 96, 1100), (8, 33, 17), (13, 64, 40), (50, 130, 70)] {
             check::<f32>(m, k, n, |v| v);
             check::<bf16>(m, k, n, bf16::from_f32);
         }

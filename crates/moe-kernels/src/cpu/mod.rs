@@ -7,6 +7,7 @@
 //! * [`pool`]: the persistent thread pool the kernels split their work over.
 //! * [`gemm`]: `x · Wᵀ` with `x` f32 and `W` `[out, in]` in any weight type, AVX2/FMA tiles
 //!   with a scalar fallback, and an output "sink" so callers can store or scatter-accumulate.
+//! * [`gemm_packed`]: the many-rows case: weights widened once into panels, a 6×16 microkernel.
 //! * [`moe_ffn`]: the grouped expert FFN: gate and up in one task with the activation fused,
 //!   the down projection accumulating `weight × output` straight into each token's row.
 //!
@@ -15,6 +16,7 @@
 //! transformers'.
 
 pub mod gemm;
+pub mod gemm_packed;
 pub mod moe_ffn;
 pub mod numerics;
 pub mod pool;
