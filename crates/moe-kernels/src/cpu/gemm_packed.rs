@@ -36,18 +36,8 @@ pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
     let mut c0 = cols.start;
     while c0 < cols.end {
         let nc = (cols.end - c0).min(PANEL);
-        for j in 0..PANEL {
-            if j < nc {
-                let row = &w[(c0 + j) * k..(c0 + j + 1) * k];
-                for (p, v) in row.iter().enumerate() {
-                    panel[p * PANEL + j] = v.to_f32();
-                }
-            } else {
-                for p in 0..k {
-                    panel[p * PANEL + j] = 0.0;
-                }
-            }
-        }
+        // SAFETY: AVX2/FMA are this function's precondition.
+        unsafe { pack_panel(w, k, c0, nc, &mut panel) };
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(MR);
@@ -73,6 +63,88 @@ pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
             r0 += rows;
         }
         c0 += nc;
+    }
+}
+
+/// Widens rows `c0..c0 + nc` of `w` into `panel` as `[k][16]` (missing columns zero):
+/// 8×8 blocks transposed in AVX2 registers, a scalar loop for the ragged edges.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_panel<W: WeightElem>(w: &[W], k: usize, c0: usize, nc: usize, panel: &mut [f32]) {
+    assert!(panel.len() >= k * PANEL && w.len() >= (c0 + nc) * k);
+    let k8 = k / 8 * 8;
+    for group in 0..PANEL / 8 {
+        let j0 = group * 8;
+        if nc >= j0 + 8 {
+            for p in (0..k8).step_by(8) {
+                // SAFETY: rows c0+j0..c0+j0+8 have k elements, p + 8 <= k; the panel writes
+                // (p + q) * 16 + j0 + 8 <= k * 16; AVX2 is this function's precondition.
+                unsafe { transpose8(w, k, c0 + j0, p, panel.as_mut_ptr().add(p * PANEL + j0)) };
+            }
+            for j in j0..j0 + 8 {
+                for p in k8..k {
+                    panel[p * PANEL + j] = w[(c0 + j) * k + p].to_f32();
+                }
+            }
+        } else {
+            for j in j0..j0 + 8 {
+                for p in 0..k {
+                    panel[p * PANEL + j] = if j < nc {
+                        w[(c0 + j) * k + p].to_f32()
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Loads 8 elements at column `p` of 8 consecutive rows (from `row`) of `w`, widened, and
+/// stores them transposed: `out[q * 16 + i] = w[row + i][p + q]`.
+///
+/// # Safety
+/// The 8 × 8 block must be inside `w`, the 8 strided 8-float writes inside `out`'s buffer,
+/// and the CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose8<W: WeightElem>(w: &[W], k: usize, row: usize, p: usize, out: *mut f32) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): bounds as documented above.
+    unsafe {
+        let base = w.as_ptr();
+        let r: [__m256; 8] = std::array::from_fn(|i| W::load8(base.add((row + i) * k + p)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let rows = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (q, v) in rows.iter().enumerate() {
+            _mm256_storeu_ps(out.add(q * PANEL), *v);
+        }
     }
 }
 

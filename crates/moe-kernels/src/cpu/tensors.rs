@@ -24,9 +24,38 @@ fn slice_of<'g, T: WithDType>(storage: &'g Storage, layout: &Layout) -> Option<&
     cpu.as_slice::<T>().ok().map(|s| &s[start..end])
 }
 
-/// A tensor's values as an f32 vector (a copy; activations are small).
+/// A tensor's values as an f32 vector (a copy; activations are small). Contiguous bf16/f32
+/// CPU tensors are widened here on the calling thread (candle's conversion would start a
+/// parallel op for a few thousand elements).
 fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        match t.dtype() {
+            DType::BF16 => {
+                if let Some(s) = slice_of::<bf16>(&storage, layout) {
+                    return Ok(s.iter().map(|v| WeightElem::to_f32(*v)).collect());
+                }
+            }
+            DType::F32 => {
+                if let Some(s) = slice_of::<f32>(&storage, layout) {
+                    return Ok(s.to_vec());
+                }
+            }
+            _ => {}
+        }
+    }
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+}
+
+/// An f32 result as a CPU tensor of `dtype` (bf16 rounded here, once per element).
+fn from_f32_vec(v: Vec<f32>, dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(match dtype {
+        DType::BF16 => {
+            let v: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
+            Tensor::from_vec(v, dims, device)?
+        }
+        _ => Tensor::from_vec(v, dims, device)?.to_dtype(dtype)?,
+    })
 }
 
 /// `a · bᵀ (+ bias)` for bf16 or f32 `b` (`[n, k]`, or `[.., n, k]` with `a`'s leading dims)
@@ -77,7 +106,7 @@ fn matmul_nt_typed<W: WeightElem + WithDType>(
     }
     let mut dims = a_dims;
     dims[ar - 1] = n;
-    Ok(Tensor::from_vec(out, dims, a.device())?.to_dtype(a.dtype())?)
+    from_f32_vec(out, &dims, a.dtype(), a.device())
 }
 
 /// The routed experts of a layer with the grouped CPU kernel ([`grouped_expert_ffn`]):
@@ -141,7 +170,5 @@ fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
     grouped_expert_ffn(&xv, hidden, intermediate, groups, &slices, activation, &mut out);
     drop(slices);
     drop(guards);
-    Ok(Some(
-        Tensor::from_vec(out, (n_tokens, hidden), x.device())?.to_dtype(x.dtype())?,
-    ))
+    Ok(Some(from_f32_vec(out, &[n_tokens, hidden], x.dtype(), x.device())?))
 }
