@@ -234,4 +234,3 @@ pub fn check_fixture(name: &str, tol: Tolerance) {
         );
     }
 }
-

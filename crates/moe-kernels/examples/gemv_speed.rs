@@ -8,13 +8,18 @@ use half::bf16;
 use moe_kernels::cpu::{matmul_nt_into, pool, SharedMut, StoreSink};
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).map(|s| s.parse().unwrap()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|s| s.parse().unwrap())
+        .collect();
     let (n, k, m) = (
         *args.first().unwrap_or(&151936),
         *args.get(1).unwrap_or(&1024),
         *args.get(2).unwrap_or(&1),
     );
-    let w: Vec<bf16> = (0..n * k).map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) * 1e-3)).collect();
+    let w: Vec<bf16> = (0..n * k)
+        .map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) * 1e-3))
+        .collect();
     let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
     let mut out = vec![0f32; m * n];
     let bytes = (n * k * 2) as f64;

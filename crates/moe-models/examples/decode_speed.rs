@@ -36,7 +36,9 @@ fn main() -> anyhow::Result<()> {
     let mut next = Vec::new();
     let t = Instant::now();
     for (s, cache) in caches.iter_mut().enumerate() {
-        let prompt: Vec<u32> = (0..prompt_len).map(|i| ((i * 7 + s * 13) % 500 + 3) as u32).collect();
+        let prompt: Vec<u32> = (0..prompt_len)
+            .map(|i| ((i * 7 + s * 13) % 500 + 3) as u32)
+            .collect();
         let mut batch = [SequenceInput {
             tokens: &prompt,
             cache,

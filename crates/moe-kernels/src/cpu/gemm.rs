@@ -55,7 +55,12 @@ pub struct StoreSink<'s, 'a> {
 impl<'s, 'a> StoreSink<'s, 'a> {
     /// A sink writing into `out` (`ld` floats per row) from row `row_offset` on, adding
     /// `bias[col]` if given.
-    pub fn new(out: &'s SharedMut<'a>, ld: usize, row_offset: usize, bias: Option<&'s [f32]>) -> Self {
+    pub fn new(
+        out: &'s SharedMut<'a>,
+        ld: usize,
+        row_offset: usize,
+        bias: Option<&'s [f32]>,
+    ) -> Self {
         Self {
             out,
             ld,
@@ -101,7 +106,10 @@ pub fn matmul_nt_into<W: WeightElem, S: Sink>(
     n: usize,
     sink: &S,
 ) {
-    assert!(x.len() >= m * k && w.len() >= n * k, "matmul_nt_into: short operands");
+    assert!(
+        x.len() >= m * k && w.len() >= n * k,
+        "matmul_nt_into: short operands"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -125,7 +133,10 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
     cols: std::ops::Range<usize>,
     sink: &S,
 ) {
-    assert!(x.len() >= m * k && w.len() >= cols.end * k, "matmul_nt_cols: short operands");
+    assert!(
+        x.len() >= m * k && w.len() >= cols.end * k,
+        "matmul_nt_cols: short operands"
+    );
     let avx2 = has_avx2_fma();
     #[cfg(target_arch = "x86_64")]
     if avx2 && m >= super::gemm_packed::PACKED_MIN_ROWS {
@@ -271,7 +282,9 @@ mod tests {
     use half::bf16;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
@@ -291,7 +304,10 @@ mod tests {
                     .sum::<f64>()
                     + bias[j] as f64;
                 let got = out[i * n + j] as f64;
-                assert!((got - want).abs() < 1e-4 * (k as f64).sqrt(), "{m}x{k}x{n} ({i},{j}): {got} vs {want}");
+                assert!(
+                    (got - want).abs() < 1e-4 * (k as f64).sqrt(),
+                    "{m}x{k}x{n} ({i},{j}): {got} vs {want}"
+                );
             }
         }
     }
@@ -299,7 +315,20 @@ mod tests {
     #[test]
     fn matches_f64_reference_on_edge_shapes() {
         // Sizes off the vector width (k), off the tile (m, n), one row, and a parallel case.
-        for (m, k, n) in [(1, 1, 1), (1, 7, 5), (1, 33, 9), (2, 64, 4), (3, 17, 7), (4, 40, 13), (7, 100, 130), (1, 256, 300), (5, 96, 1100), (8, 33, 17), (13, 64, 40), (50, 130, 70)] {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (1, 7, 5),
+            (1, 33, 9),
+            (2, 64, 4),
+            (3, 17, 7),
+            (4, 40, 13),
+            (7, 100, 130),
+            (1, 256, 300),
+            (5, 96, 1100),
+            (8, 33, 17),
+            (13, 64, 40),
+            (50, 130, 70),
+        ] {
             check::<f32>(m, k, n, |v| v);
             check::<bf16>(m, k, n, bf16::from_f32);
         }
@@ -317,8 +346,28 @@ mod tests {
         for c in 0..n {
             // SAFETY: in bounds; avx2 only when detected.
             unsafe {
-                tile(false, &x, k, &w, 0, m, c, 1, &StoreSink::new(&sa, n, 0, None));
-                tile(has_avx2_fma(), &x, k, &w, 0, m, c, 1, &StoreSink::new(&sb, n, 0, None));
+                tile(
+                    false,
+                    &x,
+                    k,
+                    &w,
+                    0,
+                    m,
+                    c,
+                    1,
+                    &StoreSink::new(&sa, n, 0, None),
+                );
+                tile(
+                    has_avx2_fma(),
+                    &x,
+                    k,
+                    &w,
+                    0,
+                    m,
+                    c,
+                    1,
+                    &StoreSink::new(&sb, n, 0, None),
+                );
             }
         }
         drop((sa, sb));

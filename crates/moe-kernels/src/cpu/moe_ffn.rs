@@ -74,7 +74,11 @@ pub fn grouped_expert_ffn<W: WeightElem>(
 ) {
     let (h, inter) = (hidden, intermediate);
     let active: Vec<usize> = groups.active_experts().collect();
-    assert_eq!(active.len(), experts.len(), "one weight set per active expert");
+    assert_eq!(
+        active.len(),
+        experts.len(),
+        "one weight set per active expert"
+    );
     let n_slots = groups.token_rows.len();
     // 1. Gather the rows in slot order.
     let mut xg = vec![0f32; n_slots * h];
@@ -117,7 +121,16 @@ pub fn grouped_expert_ffn<W: WeightElem>(
     }
     let hidden_act = gate;
     // 3. Down, accumulated into the tokens' rows.
-    assert!(out.len() >= groups.token_rows.iter().map(|&r| r as usize + 1).max().unwrap_or(0) * h);
+    assert!(
+        out.len()
+            >= groups
+                .token_rows
+                .iter()
+                .map(|&r| r as usize + 1)
+                .max()
+                .unwrap_or(0)
+                * h
+    );
     let chunk = pool::chunk_size(h, 4, 16, 4);
     let out_s = SharedMut::new(out);
     pool::for_each_task(h.div_ceil(chunk), |t| {

@@ -64,7 +64,9 @@ pub fn fast_matmul_nt(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<T
     match b.dtype() {
         DType::BF16 => matmul_nt_typed::<bf16>(a, b, bias),
         DType::F32 => matmul_nt_typed::<f32>(a, b, bias),
-        dt => Err(Error::InvalidRequest(format!("fast matmul: weights in {dt:?}"))),
+        dt => Err(Error::InvalidRequest(format!(
+            "fast matmul: weights in {dt:?}"
+        ))),
     }
 }
 
@@ -99,7 +101,11 @@ fn matmul_nt_typed<W: WeightElem + WithDType>(
             .ok_or_else(|| Error::InvalidRequest("fast matmul: weights not on the CPU".into()))?;
         let shared = SharedMut::new(&mut out);
         for i in 0..batch {
-            let wi = if shared_b { w } else { &w[i * n * k..(i + 1) * n * k] };
+            let wi = if shared_b {
+                w
+            } else {
+                &w[i * n * k..(i + 1) * n * k]
+            };
             let sink = StoreSink::new(&shared, n, i * m, bias.as_deref());
             matmul_nt_into(&av[i * m * k..(i + 1) * m * k], m, k, wi, n, &sink);
         }
@@ -153,7 +159,8 @@ fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
         let (Some(gate), Some(up), Some(down)) = (gate, up, down) else {
             return Ok(None);
         };
-        if gate.len() != intermediate * hidden || up.len() != gate.len() || down.len() != gate.len() {
+        if gate.len() != intermediate * hidden || up.len() != gate.len() || down.len() != gate.len()
+        {
             return Ok(None);
         }
         slices.push(ExpertSlices {
@@ -167,8 +174,21 @@ fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
     }
     let xv = to_f32_vec(x)?;
     let mut out = vec![0f32; n_tokens * hidden];
-    grouped_expert_ffn(&xv, hidden, intermediate, groups, &slices, activation, &mut out);
+    grouped_expert_ffn(
+        &xv,
+        hidden,
+        intermediate,
+        groups,
+        &slices,
+        activation,
+        &mut out,
+    );
     drop(slices);
     drop(guards);
-    Ok(Some(from_f32_vec(out, &[n_tokens, hidden], x.dtype(), x.device())?))
+    Ok(Some(from_f32_vec(
+        out,
+        &[n_tokens, hidden],
+        x.dtype(),
+        x.device(),
+    )?))
 }
