@@ -31,19 +31,32 @@ fn main() {
             matmul_nt_into(&x, m, k, &w, n, &StoreSink::new(&s, n, 0, None));
         }
         let gemv = t.elapsed().as_secs_f64() / reps as f64;
-        // A plain parallel read of the same buffer (sum of the raw u16s).
+        // A plain parallel read of the same bytes (summed as f32 into 4 × 8 lanes, the
+        // bandwidth probe of bench-model.md).
         let t = Instant::now();
         let mut sink = 0u64;
         for _ in 0..reps {
-            let chunk = n * k / pool::n_threads().max(1);
-            let sums = std::sync::Mutex::new(0u64);
+            let chunk = n * k / pool::n_threads().max(1) / 64 * 64;
+            let sums = std::sync::Mutex::new(0f32);
             pool::for_each_task(pool::n_threads(), |i| {
-                let s: u64 = w[i * chunk..(i + 1) * chunk]
-                    .iter()
-                    .fold(0u64, |a, v| a.wrapping_add(v.to_bits() as u64));
-                *sums.lock().unwrap() += s;
+                let part = &w[i * chunk..(i + 1) * chunk];
+                // SAFETY: bf16 and u32 pairs share the bytes; len/2 u32 fit in the slice
+                // (chunk is a multiple of 64), and bf16's alignment (2) is checked below.
+                let f: &[f32] = unsafe {
+                    assert_eq!(part.as_ptr() as usize % 4, 0);
+                    std::slice::from_raw_parts(part.as_ptr() as *const f32, part.len() / 2)
+                };
+                let mut acc = [[0f32; 8]; 4];
+                for c in f.chunks_exact(32) {
+                    for a in 0..4 {
+                        for l in 0..8 {
+                            acc[a][l] += c[a * 8 + l];
+                        }
+                    }
+                }
+                *sums.lock().unwrap() += acc.iter().flatten().sum::<f32>();
             });
-            sink = sink.wrapping_add(*sums.lock().unwrap());
+            sink = sink.wrapping_add(sums.lock().unwrap().to_bits() as u64);
         }
         let read = t.elapsed().as_secs_f64() / reps as f64;
         println!(

@@ -152,7 +152,14 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
             let rows = (m - r).min(TILE_ROWS);
             let mut c = c0;
             while c < c1 {
-                let n_cols = if c1 - c >= TILE_COLS { TILE_COLS } else { 1 };
+                let n_cols = if rows == 1 && c1 - c >= 2 * TILE_COLS {
+                    // One row (decode): 8 weight streams in flight.
+                    2 * TILE_COLS
+                } else if c1 - c >= TILE_COLS {
+                    TILE_COLS
+                } else {
+                    1
+                };
                 // SAFETY: rows r..r+rows of x and rows c..c+n_cols of w are in bounds
                 // (asserted above); AVX2/FMA were detected when `avx2` is true.
                 unsafe { tile(avx2, x, k, w, r, rows, c, n_cols, sink) };
@@ -164,7 +171,8 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
     }
 }
 
-/// One tile: `rows` (1..=3) rows of `x` from `r` × `n_cols` (1 or 4) rows of `w` from `c`.
+/// One tile: `rows` (1..=3) rows of `x` from `r` × `n_cols` (1, 4, or 8 when `rows` is 1)
+/// rows of `w` from `c`.
 ///
 /// # Safety
 /// The rows must be in bounds of `x` and `w`; `avx2` only if the CPU has AVX2 and FMA.
@@ -188,6 +196,7 @@ unsafe fn tile<W: WeightElem, S: Sink>(
         // SAFETY: forwarded from the caller.
         unsafe {
             match (rows, n_cols) {
+                (1, 8) => tile_avx2::<W, S, 1, 8>(xp, wp, k, r, c, sink),
                 (1, 4) => tile_avx2::<W, S, 1, 4>(xp, wp, k, r, c, sink),
                 (2, 4) => tile_avx2::<W, S, 2, 4>(xp, wp, k, r, c, sink),
                 (3, 4) => tile_avx2::<W, S, 3, 4>(xp, wp, k, r, c, sink),
