@@ -22,6 +22,7 @@ fn main() {
         .collect();
     let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
     let mut out = vec![0f32; m * n];
+    let q8 = moe_kernels::cpu::q8::Q8Matrix::quantize(&w, k);
     let bytes = (n * k * 2) as f64;
     let reps = 10;
     for round in 0..3 {
@@ -31,6 +32,17 @@ fn main() {
             matmul_nt_into(&x, m, k, &w, n, &StoreSink::new(&s, n, 0, None));
         }
         let gemv = t.elapsed().as_secs_f64() / reps as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            let s = SharedMut::new(&mut out);
+            let store = StoreSink::new(&s, n, 0, None);
+            let sink = moe_kernels::cpu::q8::ScaledSink {
+                inner: &store,
+                scales: &q8.scales,
+            };
+            matmul_nt_into(&x, m, k, &q8.values, n, &sink);
+        }
+        let q8_time = t.elapsed().as_secs_f64() / reps as f64;
         // A plain parallel read of the same bytes (summed as f32 into 4 × 8 lanes, the
         // bandwidth probe of bench-model.md).
         let t = Instant::now();
@@ -60,9 +72,10 @@ fn main() {
         }
         let read = t.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "round {round}: {n}x{k} bf16, m={m}: gemm {:.2} ms = {:.1} GB/s; plain read {:.2} ms = {:.1} GB/s; ratio {:.2} (sink {})",
+            "round {round}: {n}x{k} bf16, m={m}: gemm {:.2} ms = {:.1} GB/s; q8 {:.2} ms; plain read {:.2} ms = {:.1} GB/s; ratio {:.2} (sink {})",
             gemv * 1e3,
             bytes / gemv / 1e9,
+            q8_time * 1e3,
             read * 1e3,
             bytes / read / 1e9,
             read / gemv,

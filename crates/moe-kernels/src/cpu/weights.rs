@@ -50,6 +50,25 @@ impl WeightElem for bf16 {
     }
 }
 
+impl WeightElem for i8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable bytes and AVX2: sign-extend each byte to
+        // 32 bits and convert (exact: |v| <= 128).
+        unsafe {
+            let raw = _mm_loadl_epi64(p as *const __m128i);
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
