@@ -1,6 +1,8 @@
 //! Shared helpers for the cross-crate tests: fixture paths and the `reference.json` schema
 //! written by Hugging Face transformers (see `fixtures/README-transformers-fixtures.md`).
 
+pub mod parity_check;
+
 use std::path::PathBuf;
 
 use serde::Deserialize;

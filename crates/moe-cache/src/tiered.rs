@@ -524,6 +524,12 @@ impl ExpertSource for TieredExperts {
         }
     }
 
+    /// One: the budget only guarantees room for one expert per caller (several threads may
+    /// share the engine), so the MoE block takes the experts one at a time.
+    fn max_held_experts(&self) -> Option<usize> {
+        Some(1)
+    }
+
     fn resident_bytes(&self) -> usize {
         self.inner.lock().resident_bytes as usize
     }

@@ -81,6 +81,25 @@ impl ExpertGroups {
         (&self.token_rows[range.clone()], &self.weights[range])
     }
 
+    /// The same grouping with only the slots of `experts` kept (the others get no rows):
+    /// one wave of a layer computed a few experts at a time.
+    pub fn restricted_to(&self, experts: std::ops::Range<usize>) -> Self {
+        let n = self.n_experts();
+        let (start, end) = (
+            experts.start.min(n),
+            experts.end.min(n).max(experts.start.min(n)),
+        );
+        let (first, last) = (self.offsets[start], self.offsets[end]);
+        let offsets = (0..=n)
+            .map(|e| self.offsets[e.clamp(start, end)] - first)
+            .collect();
+        Self {
+            offsets,
+            token_rows: self.token_rows[first..last].to_vec(),
+            weights: self.weights[first..last].to_vec(),
+        }
+    }
+
     /// Experts that received at least one row, in increasing order.
     pub fn active_experts(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.n_experts()).filter(|&e| self.offsets[e + 1] > self.offsets[e])
@@ -102,6 +121,20 @@ mod tests {
         assert_eq!(g.rows(1), (&[0u32, 1][..], &[0.6f32, 0.3][..]));
         assert_eq!(g.rows(3), (&[1u32, 2][..], &[0.7f32, 0.1][..]));
         assert_eq!(g.active_experts().collect::<Vec<_>>(), vec![0, 1, 3]);
+    }
+
+    #[test]
+    fn restriction_keeps_only_the_chosen_experts_slots() {
+        let ids = [1, 0, 3, 1, 0, 3];
+        let w = [0.6, 0.4, 0.7, 0.3, 0.9, 0.1];
+        let g = ExpertGroups::from_slices(&ids, &w, 2, 4).unwrap();
+        let r = g.restricted_to(1..3);
+        assert_eq!(r.offsets, vec![0, 0, 2, 2, 2]);
+        assert_eq!(r.rows(1), g.rows(1));
+        assert_eq!(r.active_experts().collect::<Vec<_>>(), vec![1]);
+        let r = g.restricted_to(3..4);
+        assert_eq!(r.rows(3), g.rows(3));
+        assert_eq!(r.active_experts().collect::<Vec<_>>(), vec![3]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod combine;
+pub mod cpu;
 pub mod expert_ffn;
 pub mod grouping;
 pub mod matmul;

@@ -4,7 +4,9 @@
 //! output once; the order of the sums depends on the kernel torch picks. bf16 outputs of
 //! magnitude 4–8 are 0.03 apart, so a different order flips roundings that then spread
 //! through the layers. For bf16 on the CPU these functions reproduce torch's orders
-//! ([`SumOrder`]); every other dtype or device uses candle's matmul.
+//! ([`SumOrder`]) when [`crate::cpu::numerics`] is `TorchExact`; in the default `Fast` mode
+//! bf16 goes to the fast kernels of [`crate::cpu`] instead (close to torch, not bit-equal).
+//! Every other dtype or device uses candle's matmul.
 //!
 //! Contract: `matmul_nt(a, b)` is `a · bᵀ` for `a` `[.., m, k]` and `b` `[n, k]` (shared) or
 //! `[.., n, k]` (same leading dims), plus an optional `[n]` bias added before the rounding
@@ -13,6 +15,8 @@
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use moe_core::{Error, Result};
+
+use crate::cpu::{fast_matmul_nt, numerics, Numerics};
 
 /// The order in which torch's CPU kernels add the f32 products of one dot product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +57,9 @@ pub fn matmul_nt(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, order: SumOrder)
             None => y,
         });
     }
+    if numerics() == Numerics::Fast {
+        return fast_matmul_nt(a, b, bias);
+    }
     bf16_matmul_nt(a, &b.contiguous()?, bias, order)
 }
 
@@ -62,6 +69,9 @@ pub fn matmul_nn(a: &Tensor, b: &Tensor, order: SumOrder) -> Result<Tensor> {
         return Ok(a.matmul(b)?);
     }
     let rank = b.rank();
+    if numerics() == Numerics::Fast {
+        return fast_matmul_nt(a, &b.transpose(rank - 2, rank - 1)?.contiguous()?, None);
+    }
     bf16_matmul_nt(
         a,
         &b.transpose(rank - 2, rank - 1)?.contiguous()?,

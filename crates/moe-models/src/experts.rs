@@ -438,6 +438,12 @@ pub trait ExpertSource: Send + Sync {
     /// look them up: for statistics (tokens, guess accuracy); the default does nothing.
     fn routed(&self, _layer: usize, _n_tokens: usize, _experts: &[usize]) {}
 
+    /// How many experts one caller may hold at once without waiting on the budget (`None`:
+    /// no limit). The MoE block computes a layer's experts in waves of at most this many.
+    fn max_held_experts(&self) -> Option<usize> {
+        None
+    }
+
     /// Bytes of expert weights this source keeps resident.
     fn resident_bytes(&self) -> usize;
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use moe_core::{ExpertKey, Result, Routing, RoutingSpec};
+use moe_kernels::cpu::{fast_grouped_experts, numerics, Numerics};
 use moe_kernels::{combine, expert_ffn, route_with_bias, ExpertActivation, ExpertGroups};
 
 use crate::blocks::linear::Linear;
@@ -83,7 +84,7 @@ impl SparseMoeBlock {
         x: &Tensor,
         observer: Option<&mut dyn RoutingObserver>,
     ) -> Result<Tensor> {
-        let (n_tokens, hidden) = x.dims2()?;
+        let (n_tokens, _hidden) = x.dims2()?;
         let (logits, routing) = self.route(x)?;
         if let Some(observer) = observer {
             observer.on_routing(self.layer, &logits, &routing);
@@ -91,19 +92,10 @@ impl SparseMoeBlock {
         let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
         let active: Vec<usize> = groups.active_experts().collect();
         self.experts.routed(self.layer, n_tokens, &active);
-        let mut outputs = Vec::with_capacity(active.len());
-        for &expert in &active {
-            let (rows, _) = groups.rows(expert);
-            let rows = Tensor::from_slice(rows, rows.len(), x.device())?;
-            // [n_rows, hidden]
-            let expert_in = x.index_select(&rows, 0)?;
-            let weights = self.experts.expert(ExpertKey {
-                layer: self.layer,
-                expert,
-            })?;
-            outputs.push(expert_ffn(&expert_in, &weights, self.activation)?);
-        }
-        let mut y = combine(n_tokens, hidden, &groups, &outputs, x.dtype(), x.device())?;
+        let mut y = match self.routed_fast(x, &groups, &active)? {
+            Some(y) => y,
+            None => self.routed_reference(x, &groups, &active)?,
+        };
         if let Some(shared) = &self.shared {
             let mut s = shared.mlp.forward(x)?;
             if let Some(gate) = &shared.gate {
@@ -115,5 +107,84 @@ impl SparseMoeBlock {
             y = (y + s)?;
         }
         Ok(y)
+    }
+
+    /// The routed experts with the grouped CPU kernel ([`fast_grouped_experts`]): gate and up
+    /// fused with the activation, the down projection accumulated into the output rows.
+    /// `None` when it does not apply (torch-exact numerics, not the CPU, other dtypes).
+    fn routed_fast(
+        &self,
+        x: &Tensor,
+        groups: &ExpertGroups,
+        active: &[usize],
+    ) -> Result<Option<Tensor>> {
+        if numerics() != Numerics::Fast || !x.device().is_cpu() || active.is_empty() {
+            return Ok(None);
+        }
+        // A budgeted expert cache lets a caller hold only so many experts at once: the layer
+        // then runs in waves of consecutive active experts, each wave's outputs added up.
+        let wave = self
+            .experts
+            .max_held_experts()
+            .unwrap_or(active.len())
+            .max(1);
+        let mut y: Option<Tensor> = None;
+        for experts in active.chunks(wave) {
+            let weights = experts
+                .iter()
+                .map(|&expert| {
+                    self.experts.expert(ExpertKey {
+                        layer: self.layer,
+                        expert,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let wave_groups;
+            let groups = if experts.len() == active.len() {
+                groups
+            } else {
+                wave_groups = groups.restricted_to(experts[0]..experts[experts.len() - 1] + 1);
+                &wave_groups
+            };
+            let Some(part) = fast_grouped_experts(x, groups, &weights, self.activation)? else {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    eprintln!(
+                        "moe-models: experts stored as {:?}: no grouped CPU kernel, using the per-expert candle path",
+                        weights[0].gate.dtype()
+                    )
+                });
+                return Ok(None);
+            };
+            y = Some(match y {
+                Some(y) => (y + part)?,
+                None => part,
+            });
+        }
+        Ok(y)
+    }
+
+    /// The routed experts one at a time with [`expert_ffn`], then [`combine`]: the path that
+    /// rounds like torch (bf16 parity) and the one for other devices.
+    fn routed_reference(
+        &self,
+        x: &Tensor,
+        groups: &ExpertGroups,
+        active: &[usize],
+    ) -> Result<Tensor> {
+        let (n_tokens, hidden) = x.dims2()?;
+        let mut outputs = Vec::with_capacity(active.len());
+        for &expert in active {
+            let (rows, _) = groups.rows(expert);
+            let rows = Tensor::from_slice(rows, rows.len(), x.device())?;
+            // [n_rows, hidden]
+            let expert_in = x.index_select(&rows, 0)?;
+            let weights = self.experts.expert(ExpertKey {
+                layer: self.layer,
+                expert,
+            })?;
+            outputs.push(expert_ffn(&expert_in, &weights, self.activation)?);
+        }
+        combine(n_tokens, hidden, groups, &outputs, x.dtype(), x.device())
     }
 }

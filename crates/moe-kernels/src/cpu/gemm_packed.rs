@@ -1,0 +1,178 @@
+//! The many-rows (prefill) case of [`super::gemm`]: `x · Wᵀ` through packed panels.
+//!
+//! 16 output columns at a time, the weights are widened once into an f32 panel laid out
+//! `[k][16]` (the layout the microkernel reads, 64 KiB for k = 1024, L2-resident); then every
+//! block of up to 6 rows of `x` runs the 6×16 AVX2 microkernel over it: per step of `k`, two
+//! panel loads, six broadcasts of `x` and twelve FMAs, all 12 accumulators in registers. The
+//! widening cost is paid once per 16 columns instead of once per 3 rows, and no horizontal sums
+//! are needed. Used by [`super::gemm::matmul_nt_cols`] when `x` has at least
+//! [`PACKED_MIN_ROWS`] rows and the CPU has AVX2/FMA.
+
+use super::gemm::Sink;
+use super::weights::WeightElem;
+
+/// Rows of `x` from which the packed path beats the register tiles.
+pub const PACKED_MIN_ROWS: usize = 8;
+/// Output columns per panel (two AVX2 vectors).
+const PANEL: usize = 16;
+/// Rows of `x` per microkernel call.
+const MR: usize = 6;
+
+/// `sink ← x · W[cols]ᵀ` for `x` `[m, k]` with packed panels (AVX2/FMA required).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `x` must hold `m * k` and `w` `cols.end * k` elements.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    cols: std::ops::Range<usize>,
+    sink: &S,
+) {
+    assert!(x.len() >= m * k && w.len() >= cols.end * k);
+    let mut panel = vec![0f32; k * PANEL];
+    let mut c0 = cols.start;
+    while c0 < cols.end {
+        let nc = (cols.end - c0).min(PANEL);
+        // SAFETY: AVX2/FMA are this function's precondition.
+        unsafe { pack_panel(w, k, c0, nc, &mut panel) };
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(MR);
+            let xp = x[r0 * k..].as_ptr();
+            // SAFETY: `rows` rows of x from r0 and the k × 16 panel are in bounds; AVX2/FMA
+            // are the caller's promise.
+            let out = unsafe {
+                match rows {
+                    1 => micro::<1>(xp, k, panel.as_ptr()),
+                    2 => micro::<2>(xp, k, panel.as_ptr()),
+                    3 => micro::<3>(xp, k, panel.as_ptr()),
+                    4 => micro::<4>(xp, k, panel.as_ptr()),
+                    5 => micro::<5>(xp, k, panel.as_ptr()),
+                    _ => micro::<6>(xp, k, panel.as_ptr()),
+                }
+            };
+            for (i, row) in out.iter().take(rows).enumerate() {
+                for (j, &v) in row.iter().take(nc).enumerate() {
+                    // SAFETY: one put per (row, col); this task owns columns `cols`.
+                    unsafe { sink.put(r0 + i, c0 + j, v) };
+                }
+            }
+            r0 += rows;
+        }
+        c0 += nc;
+    }
+}
+
+/// Widens rows `c0..c0 + nc` of `w` into `panel` as `[k][16]` (missing columns zero):
+/// 8×8 blocks transposed in AVX2 registers, a scalar loop for the ragged edges.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_panel<W: WeightElem>(w: &[W], k: usize, c0: usize, nc: usize, panel: &mut [f32]) {
+    assert!(panel.len() >= k * PANEL && w.len() >= (c0 + nc) * k);
+    let k8 = k / 8 * 8;
+    for group in 0..PANEL / 8 {
+        let j0 = group * 8;
+        if nc >= j0 + 8 {
+            for p in (0..k8).step_by(8) {
+                // SAFETY: rows c0+j0..c0+j0+8 have k elements, p + 8 <= k; the panel writes
+                // (p + q) * 16 + j0 + 8 <= k * 16; AVX2 is this function's precondition.
+                unsafe { transpose8(w, k, c0 + j0, p, panel.as_mut_ptr().add(p * PANEL + j0)) };
+            }
+            for j in j0..j0 + 8 {
+                for p in k8..k {
+                    panel[p * PANEL + j] = w[(c0 + j) * k + p].to_f32();
+                }
+            }
+        } else {
+            for j in j0..j0 + 8 {
+                for p in 0..k {
+                    panel[p * PANEL + j] = if j < nc {
+                        w[(c0 + j) * k + p].to_f32()
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Loads 8 elements at column `p` of 8 consecutive rows (from `row`) of `w`, widened, and
+/// stores them transposed: `out[q * 16 + i] = w[row + i][p + q]`.
+///
+/// # Safety
+/// The 8 × 8 block must be inside `w`, the 8 strided 8-float writes inside `out`'s buffer,
+/// and the CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose8<W: WeightElem>(w: &[W], k: usize, row: usize, p: usize, out: *mut f32) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): bounds as documented above.
+    unsafe {
+        let base = w.as_ptr();
+        let r: [__m256; 8] = std::array::from_fn(|i| W::load8(base.add((row + i) * k + p)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let rows = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (q, v) in rows.iter().enumerate() {
+            _mm256_storeu_ps(out.add(q * PANEL), *v);
+        }
+    }
+}
+
+/// The 6×16 microkernel for `R` rows: `out[i][j] = Σ_p x[i][p] · panel[p][j]`.
+///
+/// # Safety
+/// `x..x + R*k` and `panel..panel + 16*k` readable; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn micro<const R: usize>(x: *const f32, k: usize, panel: *const f32) -> [[f32; PANEL]; MR] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // SAFETY (whole body): p < k keeps every x and panel read inside the bounds above.
+    unsafe {
+        for p in 0..k {
+            let b0 = _mm256_loadu_ps(panel.add(p * PANEL));
+            let b1 = _mm256_loadu_ps(panel.add(p * PANEL + 8));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*x.add(i * k + p));
+                a[0] = _mm256_fmadd_ps(xv, b0, a[0]);
+                a[1] = _mm256_fmadd_ps(xv, b1, a[1]);
+            }
+        }
+        let mut out = [[0f32; PANEL]; MR];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+        }
+        out
+    }
+}

@@ -1,0 +1,34 @@
+//! Fast CPU kernels for the dense and MoE projections, tuned for decode (a few rows per
+//! weight matrix) but correct for any shape.
+//!
+//! * [`numerics`]: the process-wide choice between these fast kernels and the torch-exact
+//!   bf16 kernels of [`crate::matmul`] (kept for the bit-exact parity tests).
+//! * [`weights`]: weight element types the kernels read (f32, bf16 widened on the fly).
+//! * [`q8`]: int8 weights with per-row scales (kernel side only so far).
+//! * [`pool`]: the persistent thread pool the kernels split their work over.
+//! * [`gemm`]: `x · Wᵀ` with `x` f32 and `W` `[out, in]` in any weight type, AVX2/FMA tiles
+//!   with a scalar fallback, and an output "sink" so callers can store or scatter-accumulate.
+//! * [`gemm_packed`]: the many-rows case: weights widened once into panels, a 6×16 microkernel.
+//! * [`moe_ffn`]: the grouped expert FFN: gate and up in one task with the activation fused,
+//!   the down projection accumulating `weight × output` straight into each token's row.
+//!
+//! Numerics: products and sums in f32, one rounding to the activation dtype per output.
+//! The sum order differs from torch's, so bf16 results are close to, not bit-equal with,
+//! transformers'.
+
+pub mod gemm;
+pub mod gemm_packed;
+pub mod moe_ffn;
+pub mod numerics;
+pub mod pool;
+pub mod q8;
+pub mod shared;
+pub mod tensors;
+pub mod weights;
+
+pub use gemm::{has_avx2_fma, matmul_nt_cols, matmul_nt_into, Sink, StoreSink};
+pub use moe_ffn::{grouped_expert_ffn, ExpertSlices};
+pub use numerics::{numerics, set_numerics, Numerics};
+pub use shared::SharedMut;
+pub use tensors::{fast_grouped_experts, fast_matmul_nt};
+pub use weights::WeightElem;

@@ -1,0 +1,164 @@
+//! The grouped expert FFN of one MoE layer on the CPU, for any number of tokens.
+//!
+//! 1. Gather: token rows are copied (f32) into slot order, so each expert's rows are
+//!    contiguous ([`ExpertGroups`] slots).
+//! 2. Gate + up + activation: one task per (expert, block of intermediate columns) computes
+//!    both projections for all of that expert's rows and applies the activation while the
+//!    block is in cache. Each expert's weights are streamed once per call, whatever its
+//!    number of rows (16 decoding sequences share the experts they have in common).
+//! 3. Down, accumulated: one task per block of hidden columns walks the active experts in
+//!    increasing id order and adds `routing weight × (h · W_downᵀ + b)` straight into the
+//!    tokens' output rows ([`AccumulateSink`]): no per-expert output tensors, no combine
+//!    pass, and each token's experts are summed in a fixed order (deterministic).
+//!
+//! Numerics: f32 throughout, no intermediate rounding (fast mode of [`super::numerics`]).
+
+use super::gemm::{matmul_nt_cols, Sink, StoreSink};
+use super::pool;
+use super::shared::SharedMut;
+use super::weights::WeightElem;
+use crate::expert_ffn::ExpertActivation;
+use crate::grouping::ExpertGroups;
+
+/// One expert's matrices (HF `[out, in]` row-major) and f32 biases.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertSlices<'a, W> {
+    /// `[intermediate, hidden]`
+    pub gate: &'a [W],
+    /// `[intermediate, hidden]`
+    pub up: &'a [W],
+    /// `[hidden, intermediate]`
+    pub down: &'a [W],
+    /// `[intermediate]`
+    pub gate_bias: Option<&'a [f32]>,
+    /// `[intermediate]`
+    pub up_bias: Option<&'a [f32]>,
+    /// `[hidden]`
+    pub down_bias: Option<&'a [f32]>,
+}
+
+/// Adds `weight[row] × (value + bias[col])` to `out[token_rows[row] * ld + col]`.
+struct AccumulateSink<'s, 'a> {
+    out: &'s SharedMut<'a>,
+    ld: usize,
+    token_rows: &'s [u32],
+    weights: &'s [f32],
+    bias: Option<&'s [f32]>,
+}
+
+// SAFETY: within one expert the token rows are distinct (a token picks an expert once), so
+// distinct (row, col) pairs map to distinct elements; experts of one task run in sequence.
+unsafe impl Sink for AccumulateSink<'_, '_> {
+    #[inline(always)]
+    unsafe fn put(&self, row: usize, col: usize, value: f32) {
+        let b = self.bias.map_or(0.0, |b| b[col]);
+        let i = self.token_rows[row] as usize * self.ld + col;
+        // SAFETY: the column belongs to the calling task only (trait contract).
+        unsafe { *self.out.at(i) += self.weights[row] * (value + b) };
+    }
+}
+
+/// Runs the routed experts of one layer and adds their weighted outputs into `out`
+/// (`[n_tokens, hidden]` f32, usually zeroed by the caller).
+///
+/// `x` is `[n_tokens, hidden]` f32; `experts[i]` holds the weights of the i-th active expert
+/// of `groups` (increasing id order, as [`ExpertGroups::active_experts`]).
+pub fn grouped_expert_ffn<W: WeightElem>(
+    x: &[f32],
+    hidden: usize,
+    intermediate: usize,
+    groups: &ExpertGroups,
+    experts: &[ExpertSlices<'_, W>],
+    activation: ExpertActivation,
+    out: &mut [f32],
+) {
+    let (h, inter) = (hidden, intermediate);
+    let active: Vec<usize> = groups.active_experts().collect();
+    assert_eq!(
+        active.len(),
+        experts.len(),
+        "one weight set per active expert"
+    );
+    let n_slots = groups.token_rows.len();
+    // 1. Gather the rows in slot order.
+    let mut xg = vec![0f32; n_slots * h];
+    for (slot, &row) in groups.token_rows.iter().enumerate() {
+        let row = row as usize;
+        xg[slot * h..(slot + 1) * h].copy_from_slice(&x[row * h..(row + 1) * h]);
+    }
+    // 2. Gate and up with the activation fused.
+    let mut gate = vec![0f32; n_slots * inter];
+    let mut up = vec![0f32; n_slots * inter];
+    {
+        let total = active.len() * inter;
+        let chunk = pool::chunk_size(total, 4, 16, 4).min(inter.div_ceil(4) * 4);
+        let per_expert = inter.div_ceil(chunk);
+        let (gate_s, up_s) = (SharedMut::new(&mut gate), SharedMut::new(&mut up));
+        pool::for_each_task(active.len() * per_expert, |t| {
+            let (i, c) = (t / per_expert, t % per_expert);
+            let e = active[i];
+            let w = &experts[i];
+            let slots = groups.offsets[e]..groups.offsets[e + 1];
+            let rows = slots.len();
+            let xe = &xg[slots.start * h..slots.end * h];
+            let cols = c * chunk..((c + 1) * chunk).min(inter);
+            let g_sink = StoreSink::new(&gate_s, inter, slots.start, w.gate_bias);
+            matmul_nt_cols(xe, rows, h, w.gate, cols.clone(), &g_sink);
+            let u_sink = StoreSink::new(&up_s, inter, slots.start, w.up_bias);
+            matmul_nt_cols(xe, rows, h, w.up, cols.clone(), &u_sink);
+            for slot in slots {
+                for col in cols.clone() {
+                    let idx = slot * inter + col;
+                    // SAFETY: this task alone owns columns `cols` of this expert's slots.
+                    unsafe {
+                        let g = *gate_s.at(idx);
+                        let u = *up_s.at(idx);
+                        *gate_s.at(idx) = activate(activation, g, u);
+                    }
+                }
+            }
+        });
+    }
+    let hidden_act = gate;
+    // 3. Down, accumulated into the tokens' rows.
+    assert!(
+        out.len()
+            >= groups
+                .token_rows
+                .iter()
+                .map(|&r| r as usize + 1)
+                .max()
+                .unwrap_or(0)
+                * h
+    );
+    let chunk = pool::chunk_size(h, 4, 16, 4);
+    let out_s = SharedMut::new(out);
+    pool::for_each_task(h.div_ceil(chunk), |t| {
+        let cols = t * chunk..((t + 1) * chunk).min(h);
+        for (i, &e) in active.iter().enumerate() {
+            let slots = groups.offsets[e]..groups.offsets[e + 1];
+            let sink = AccumulateSink {
+                out: &out_s,
+                ld: h,
+                token_rows: &groups.token_rows[slots.clone()],
+                weights: &groups.weights[slots.clone()],
+                bias: experts[i].down_bias,
+            };
+            let he = &hidden_act[slots.start * inter..slots.end * inter];
+            matmul_nt_cols(he, slots.len(), inter, experts[i].down, cols.clone(), &sink);
+        }
+    });
+}
+
+/// The gated activation of one element, in f32.
+#[inline(always)]
+fn activate(activation: ExpertActivation, gate: f32, up: f32) -> f32 {
+    match activation {
+        ExpertActivation::SiluGlu => gate / (1.0 + (-gate).exp()) * up,
+        ExpertActivation::ClampedSwiGlu { alpha, limit } => {
+            let g = gate.min(limit);
+            let u = up.clamp(-limit, limit);
+            (u + 1.0) * g / (1.0 + (-alpha * g).exp())
+        }
+    }
+}

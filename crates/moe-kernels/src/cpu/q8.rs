@@ -1,0 +1,102 @@
+//! int8 weights with one f32 scale per output row (groundwork for `--expert-dtype q8`).
+//!
+//! A row `w` is stored as `q = round(w / s)` with `s = max|w| / 127`, so `w ≈ s · q`. The
+//! kernels of [`super::gemm`] read `q` as any [`WeightElem`](super::weights::WeightElem)
+//! (widened in registers) and [`ScaledSink`] multiplies each finished dot product by its row's
+//! scale: `x · w ≈ s · (x · q)`. Not yet wired into the model: experts are still loaded in
+//! the compute dtype.
+
+use super::gemm::Sink;
+use super::weights::WeightElem;
+
+/// A `[rows, cols]` int8 matrix with per-row scales.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Matrix {
+    /// `rows * cols` quantized values, row-major.
+    pub values: Vec<i8>,
+    /// One scale per row.
+    pub scales: Vec<f32>,
+    /// Number of columns (the reduced dimension).
+    pub cols: usize,
+}
+
+impl Q8Matrix {
+    /// Quantizes a row-major `[rows, cols]` matrix of any weight type.
+    pub fn quantize<W: WeightElem>(w: &[W], cols: usize) -> Self {
+        assert!(cols > 0 && w.len() % cols == 0);
+        let mut values = Vec::with_capacity(w.len());
+        let mut scales = Vec::with_capacity(w.len() / cols);
+        for row in w.chunks_exact(cols) {
+            let max = row.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            values.extend(
+                row.iter()
+                    .map(|v| (v.to_f32() / scale).round().clamp(-127.0, 127.0) as i8),
+            );
+            scales.push(scale);
+        }
+        Self {
+            values,
+            scales,
+            cols,
+        }
+    }
+}
+
+/// Multiplies each dot product by the scale of its weight row before passing it on.
+pub struct ScaledSink<'a, S> {
+    /// The sink that receives the scaled values.
+    pub inner: &'a S,
+    /// One scale per weight row (output column).
+    pub scales: &'a [f32],
+}
+
+// SAFETY: forwards each (row, col) once to `inner`, which upholds the contract.
+unsafe impl<S: Sink> Sink for ScaledSink<'_, S> {
+    #[inline(always)]
+    unsafe fn put(&self, row: usize, col: usize, value: f32) {
+        // SAFETY: same (row, col) as the caller's, see the trait.
+        unsafe { self.inner.put(row, col, value * self.scales[col]) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::gemm::{matmul_nt_into, StoreSink};
+    use crate::cpu::shared::SharedMut;
+
+    #[test]
+    fn q8_product_is_close_to_f32() {
+        // Both the register tiles (m = 1, 3) and the packed path (m = 9); k off the width.
+        for (m, k, n) in [(1, 37, 19), (3, 64, 8), (9, 100, 33)] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 480.0)
+                .collect();
+            let q = Q8Matrix::quantize(&w, k);
+            let mut out = vec![0f32; m * n];
+            let shared = SharedMut::new(&mut out);
+            let store = StoreSink::new(&shared, n, 0, None);
+            let sink = ScaledSink {
+                inner: &store,
+                scales: &q.scales,
+            };
+            matmul_nt_into(&x, m, k, &q.values, n, &sink);
+            drop(shared);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
+                    let bound = q.scales[j] * 0.5 * (0..k).map(|p| x[i * k + p].abs()).sum::<f32>();
+                    let got = out[i * n + j];
+                    assert!(
+                        (got - want).abs() <= bound + 1e-5,
+                        "({i},{j}) {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Glue between candle tensors and the slice kernels of this module: borrow a contiguous CPU
+//! tensor's elements without copying, and the tensor-level entry points the model blocks
+//! call ([`fast_matmul_nt`], [`fast_grouped_experts`]).
+
+use std::borrow::Borrow;
+
+use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
+use half::bf16;
+use moe_core::{Error, Result};
+
+use super::gemm::{matmul_nt_into, StoreSink};
+use super::moe_ffn::{grouped_expert_ffn, ExpertSlices};
+use super::shared::SharedMut;
+use super::weights::WeightElem;
+use crate::expert_ffn::{ExpertActivation, ExpertWeights};
+use crate::grouping::ExpertGroups;
+
+/// The elements of a contiguous CPU tensor, borrowed from its storage guard.
+fn slice_of<'g, T: WithDType>(storage: &'g Storage, layout: &Layout) -> Option<&'g [T]> {
+    let Storage::Cpu(cpu) = storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    cpu.as_slice::<T>().ok().map(|s| &s[start..end])
+}
+
+/// A tensor's values as an f32 vector (a copy; activations are small). Contiguous bf16/f32
+/// CPU tensors are widened here on the calling thread (candle's conversion would start a
+/// parallel op for a few thousand elements).
+fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        match t.dtype() {
+            DType::BF16 => {
+                if let Some(s) = slice_of::<bf16>(&storage, layout) {
+                    return Ok(s.iter().map(|v| WeightElem::to_f32(*v)).collect());
+                }
+            }
+            DType::F32 => {
+                if let Some(s) = slice_of::<f32>(&storage, layout) {
+                    return Ok(s.to_vec());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+}
+
+/// An f32 result as a CPU tensor of `dtype` (bf16 rounded here, once per element).
+fn from_f32_vec(v: Vec<f32>, dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(match dtype {
+        DType::BF16 => {
+            let v: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
+            Tensor::from_vec(v, dims, device)?
+        }
+        _ => Tensor::from_vec(v, dims, device)?.to_dtype(dtype)?,
+    })
+}
+
+/// `a · bᵀ (+ bias)` for bf16 or f32 `b` (`[n, k]`, or `[.., n, k]` with `a`'s leading dims)
+/// on the CPU with the fast kernels; the result has `a`'s dtype, rounded once.
+pub fn fast_matmul_nt(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match b.dtype() {
+        DType::BF16 => matmul_nt_typed::<bf16>(a, b, bias),
+        DType::F32 => matmul_nt_typed::<f32>(a, b, bias),
+        dt => Err(Error::InvalidRequest(format!(
+            "fast matmul: weights in {dt:?}"
+        ))),
+    }
+}
+
+fn matmul_nt_typed<W: WeightElem + WithDType>(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let a_dims = a.dims().to_vec();
+    let b_dims = b.dims().to_vec();
+    let (ar, br) = (a_dims.len(), b_dims.len());
+    if ar < 2 || br < 2 || a_dims[ar - 1] != b_dims[br - 1] {
+        return Err(Error::InvalidRequest(format!(
+            "matmul: shapes {a_dims:?} and {b_dims:?} (transposed) do not multiply"
+        )));
+    }
+    let (m, k, n) = (a_dims[ar - 2], a_dims[ar - 1], b_dims[br - 2]);
+    let batch: usize = a_dims[..ar - 2].iter().product();
+    let shared_b = br == 2;
+    if !shared_b && b_dims[..br - 2] != a_dims[..ar - 2] {
+        return Err(Error::InvalidRequest(format!(
+            "matmul: batch dims of {a_dims:?} and {b_dims:?} differ"
+        )));
+    }
+    let av = to_f32_vec(a)?;
+    let bias = bias.map(to_f32_vec).transpose()?;
+    let b = b.contiguous()?;
+    let mut out = vec![0f32; batch * m * n];
+    {
+        let (storage, layout) = b.storage_and_layout();
+        let w: &[W] = slice_of(&storage, layout)
+            .ok_or_else(|| Error::InvalidRequest("fast matmul: weights not on the CPU".into()))?;
+        let shared = SharedMut::new(&mut out);
+        for i in 0..batch {
+            let wi = if shared_b {
+                w
+            } else {
+                &w[i * n * k..(i + 1) * n * k]
+            };
+            let sink = StoreSink::new(&shared, n, i * m, bias.as_deref());
+            matmul_nt_into(&av[i * m * k..(i + 1) * m * k], m, k, wi, n, &sink);
+        }
+    }
+    let mut dims = a_dims;
+    dims[ar - 1] = n;
+    from_f32_vec(out, &dims, a.dtype(), a.device())
+}
+
+/// The routed experts of a layer with the grouped CPU kernel ([`grouped_expert_ffn`]):
+/// `x` `[n_tokens, hidden]`, `experts[i]` the weights of the i-th active expert of `groups`.
+/// Returns the weighted sum `[n_tokens, hidden]` in `x`'s dtype, or `None` when the kernel
+/// does not apply (not the CPU, weights neither bf16 nor f32, or not contiguous).
+pub fn fast_grouped_experts<E: Borrow<ExpertWeights>>(
+    x: &Tensor,
+    groups: &ExpertGroups,
+    experts: &[E],
+    activation: ExpertActivation,
+) -> Result<Option<Tensor>> {
+    if !matches!(x.device(), Device::Cpu) || experts.is_empty() {
+        return Ok(None);
+    }
+    match experts[0].borrow().gate.dtype() {
+        DType::BF16 => grouped_typed::<bf16, E>(x, groups, experts, activation),
+        DType::F32 => grouped_typed::<f32, E>(x, groups, experts, activation),
+        _ => Ok(None),
+    }
+}
+
+fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
+    x: &Tensor,
+    groups: &ExpertGroups,
+    experts: &[E],
+    activation: ExpertActivation,
+) -> Result<Option<Tensor>> {
+    let (n_tokens, hidden) = x.dims2()?;
+    let experts: Vec<&ExpertWeights> = experts.iter().map(|e| e.borrow()).collect();
+    let intermediate = experts[0].gate.dim(0)?;
+    let bias = |b: &Option<Tensor>| b.as_ref().map(to_f32_vec).transpose();
+    let biases = experts
+        .iter()
+        .map(|e| Ok((bias(&e.gate_bias)?, bias(&e.up_bias)?, bias(&e.down_bias)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = experts
+        .iter()
+        .map(|e| [&e.gate, &e.up, &e.down].map(|t| t.storage_and_layout()))
+        .collect();
+    let mut slices = Vec::with_capacity(experts.len());
+    for (g, b) in guards.iter().zip(&biases) {
+        let [gate, up, down] = [0, 1, 2].map(|i| slice_of::<W>(&g[i].0, g[i].1));
+        let (Some(gate), Some(up), Some(down)) = (gate, up, down) else {
+            return Ok(None);
+        };
+        if gate.len() != intermediate * hidden || up.len() != gate.len() || down.len() != gate.len()
+        {
+            return Ok(None);
+        }
+        slices.push(ExpertSlices {
+            gate,
+            up,
+            down,
+            gate_bias: b.0.as_deref(),
+            up_bias: b.1.as_deref(),
+            down_bias: b.2.as_deref(),
+        });
+    }
+    let xv = to_f32_vec(x)?;
+    let mut out = vec![0f32; n_tokens * hidden];
+    grouped_expert_ffn(
+        &xv,
+        hidden,
+        intermediate,
+        groups,
+        &slices,
+        activation,
+        &mut out,
+    );
+    drop(slices);
+    drop(guards);
+    Ok(Some(from_f32_vec(
+        out,
+        &[n_tokens, hidden],
+        x.dtype(),
+        x.device(),
+    )?))
+}
