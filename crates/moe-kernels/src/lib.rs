@@ -5,6 +5,7 @@
 //! Knows nothing of checkpoints, architectures or where expert weights live.
 #![warn(missing_docs)]
 
+pub mod align;
 pub mod combine;
 pub mod expert_ffn;
 pub mod grouping;
@@ -13,6 +14,7 @@ pub mod rms_norm;
 pub mod routing;
 pub mod softmax;
 
+pub use align::{align_capacity, AlignedGroups};
 pub use combine::combine;
 pub use expert_ffn::{expert_ffn, expert_ffn_reference, ExpertActivation, ExpertWeights};
 pub use grouping::ExpertGroups;
