@@ -8,6 +8,9 @@
 pub mod align;
 pub mod combine;
 pub mod expert_ffn;
+pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod grouping;
 pub mod matmul;
 pub mod rms_norm;
@@ -16,6 +19,7 @@ pub mod softmax;
 
 pub use align::{align_capacity, AlignedGroups};
 pub use combine::combine;
+pub use fused::{MoeExperts, StackedExperts};
 pub use expert_ffn::{expert_ffn, expert_ffn_reference, ExpertActivation, ExpertWeights};
 pub use grouping::ExpertGroups;
 pub use matmul::{matmul_nn, matmul_nt, SumOrder};

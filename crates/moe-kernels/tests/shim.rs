@@ -4,7 +4,7 @@
 //! toolkit and no GPU; skips with a printed reason when g++ is absent.
 //!
 //! The harness binary is built once per change of the kernel sources (cached under the
-//! target dir). Each run prints its random seed; `MOE_SHIM_SEED=<n>` replays one.
+//! target dir). Each run prints its random seed; `MOE_TEST_SEED=<n>` replays one.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
@@ -15,6 +15,8 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use moe_core::{GroupLimit, GroupScore, RoutingSpec, ScoringFunction};
+mod common;
+use common::Rng;
 use moe_kernels::{
     combine, expert_ffn, route_with_bias, AlignedGroups, ExpertActivation, ExpertGroups,
     ExpertWeights,
@@ -31,6 +33,11 @@ fn harness() -> Option<&'static Path> {
     static HARNESS: OnceLock<Option<PathBuf>> = OnceLock::new();
     HARNESS
         .get_or_init(|| {
+            if let Some(prebuilt) = std::env::var_os("MOE_SHIM_HARNESS") {
+                // a sanitizer build from ci/kernel-shim-tests.sh
+                println!("CPU-shim harness: {}", prebuilt.to_string_lossy());
+                return Some(PathBuf::from(prebuilt));
+            }
             let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
             if Command::new(&cxx).arg("--version").output().is_err() {
                 println!("skipping the CPU-shim kernel tests: `{cxx}` not found (set CXX)");
@@ -201,63 +208,6 @@ fn run(op: &str, mut inputs: Records) -> Option<Records> {
     let _ = std::fs::remove_file(&inp);
     let _ = std::fs::remove_file(&out);
     Some(records)
-}
-
-// ---- random inputs -----------------------------------------------------------------------
-
-/// xorshift64*; seeded from the clock unless MOE_SHIM_SEED is set.
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Self {
-        let seed = std::env::var("MOE_SHIM_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        println!("{test}: seed {seed} (MOE_SHIM_SEED={seed} replays it)");
-        Self(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform() * scale).collect()
-    }
-    /// A routing table: `top_k` distinct experts per token, in random order.
-    fn routing(&mut self, n_tokens: usize, top_k: usize, n_experts: usize) -> Vec<u32> {
-        let mut ids = Vec::with_capacity(n_tokens * top_k);
-        for _ in 0..n_tokens {
-            let mut all: Vec<u32> = (0..n_experts as u32).collect();
-            for i in 0..top_k {
-                let j = i + self.below(n_experts - i);
-                all.swap(i, j);
-            }
-            ids.extend_from_slice(&all[..top_k]);
-        }
-        ids
-    }
-    fn permutation(&mut self, n: usize) -> Vec<i32> {
-        let mut p: Vec<i32> = (0..n as i32).collect();
-        for i in (1..n).rev() {
-            p.swap(i, self.below(i + 1));
-        }
-        p
-    }
 }
 
 // ---- top-k gating ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use moe_core::{ExpertKey, Result, Routing, RoutingSpec};
-use moe_kernels::{combine, expert_ffn, route_with_bias, ExpertActivation, ExpertGroups};
+use moe_kernels::{combine, expert_ffn, fused, ExpertActivation, ExpertGroups, MoeExperts, StackedExperts};
 
 use crate::blocks::linear::Linear;
 use crate::blocks::mlp::GatedMlp;
@@ -61,14 +61,15 @@ impl SparseMoeBlock {
         x: &Tensor,
         observer: Option<&mut dyn RoutingObserver>,
     ) -> Result<Tensor> {
-        let (n_tokens, hidden) = x.dims2()?;
+        x.dims2()?; // [n_tokens, hidden]
         // [n_tokens, n_experts]
         let logits = if self.f32_logits {
             self.router.forward(&x.to_dtype(DType::F32)?)?
         } else {
             self.router.forward(x)?
         };
-        let mut routing = route_with_bias(&logits, self.correction_bias.as_ref(), &self.routing)?;
+        // the CPU kernel on the CPU, kernels/moe_topk.cu on a GPU
+        let mut routing = fused::route(&logits, self.correction_bias.as_ref(), &self.routing)?;
         if self.round_weights {
             routing.weights = routing.weights.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
         }
@@ -78,19 +79,11 @@ impl SparseMoeBlock {
         let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
         let active: Vec<usize> = groups.active_experts().collect();
         self.experts.prefetch(self.layer, &active);
-        let mut outputs = Vec::with_capacity(active.len());
-        for &expert in &active {
-            let (rows, _) = groups.rows(expert);
-            let rows = Tensor::from_slice(rows, rows.len(), x.device())?;
-            // [n_rows, hidden]
-            let expert_in = x.index_select(&rows, 0)?;
-            let weights = self.experts.expert(ExpertKey {
-                layer: self.layer,
-                expert,
-            })?;
-            outputs.push(expert_ffn(&expert_in, &weights, self.activation)?);
-        }
-        let mut y = combine(n_tokens, hidden, &groups, &outputs, x.dtype(), x.device())?;
+        let mut y = if x.device().is_cuda() {
+            self.routed_on_gpu(x, &routing, &active)?
+        } else {
+            self.routed_on_cpu(x, &groups, &active)?
+        };
         if let Some(shared) = &self.shared {
             let mut s = shared.mlp.forward(x)?;
             if let Some(gate) = &shared.gate {
@@ -102,5 +95,50 @@ impl SparseMoeBlock {
             y = (y + s)?;
         }
         Ok(y)
+    }
+
+    /// Our CUDA kernels: the active experts stacked into slots, then the decode kernels or the
+    /// grouped GEMM with the combine fused (`moe_kernels::MoeExperts`).
+    fn routed_on_gpu(&self, x: &Tensor, routing: &Routing, active: &[usize]) -> Result<Tensor> {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            eprintln!(
+                "moe-models: on CUDA the active experts are stacked into a temporary pool every \
+                 step (the expert cache has no device pool yet)"
+            )
+        });
+        let weights = active
+            .iter()
+            .map(|&expert| {
+                let key = ExpertKey { layer: self.layer, expert };
+                Ok((expert, self.experts.expert(key)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<_> = weights.iter().map(|(e, w)| (*e, w.as_ref())).collect();
+        let stacked = StackedExperts::stack(&refs, self.routing.n_experts)?;
+        let op = MoeExperts {
+            experts: &stacked,
+            n_experts: self.routing.n_experts,
+            activation: self.activation,
+        };
+        op.forward(x, &routing.expert_ids, &routing.weights)
+    }
+
+    /// The CPU kernels: each active expert's FFN over its rows, then the weighted combine.
+    fn routed_on_cpu(&self, x: &Tensor, groups: &ExpertGroups, active: &[usize]) -> Result<Tensor> {
+        let (n_tokens, hidden) = x.dims2()?;
+        let mut outputs = Vec::with_capacity(active.len());
+        for &expert in active {
+            let (rows, _) = groups.rows(expert);
+            let rows = Tensor::from_slice(rows, rows.len(), x.device())?;
+            // [n_rows, hidden]
+            let expert_in = x.index_select(&rows, 0)?;
+            let weights = self.experts.expert(ExpertKey {
+                layer: self.layer,
+                expert,
+            })?;
+            outputs.push(expert_ffn(&expert_in, &weights, self.activation)?);
+        }
+        combine(n_tokens, hidden, groups, &outputs, x.dtype(), x.device())
     }
 }
