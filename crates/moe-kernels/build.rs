@@ -27,7 +27,11 @@ fn main() {
         .unwrap_or_else(|_| "80,86,89,90".into())
         .split(',')
         .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().expect("MOE_CUDA_ARCHS: comma-separated numbers like 80,90"))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("MOE_CUDA_ARCHS: comma-separated numbers like 80,90")
+        })
         .collect();
 
     let mut sources: Vec<PathBuf> = fs::read_dir(&kernels)
@@ -39,12 +43,19 @@ fn main() {
     for s in &sources {
         println!("cargo:rerun-if-changed={}", s.display());
     }
-    let units: Vec<&PathBuf> = sources.iter().filter(|p| p.extension().unwrap() == "cu").collect();
+    let units: Vec<&PathBuf> = sources
+        .iter()
+        .filter(|p| p.extension().unwrap() == "cu")
+        .collect();
 
     // one job per (kernel file, target): None = PTX, Some(arch) = cubin
     let jobs: Vec<(&PathBuf, Option<u32>)> = units
         .iter()
-        .flat_map(|src| std::iter::once(None).chain(archs.iter().map(|&a| Some(a))).map(move |t| (*src, t)))
+        .flat_map(|src| {
+            std::iter::once(None)
+                .chain(archs.iter().map(|&a| Some(a)))
+                .map(move |t| (*src, t))
+        })
         .collect();
     let queue = Mutex::new(jobs.clone().into_iter());
     let n_threads: usize = env::var("MOE_NVCC_THREADS")
@@ -54,7 +65,9 @@ fn main() {
     thread::scope(|scope| {
         for _ in 0..n_threads.max(1) {
             scope.spawn(|| loop {
-                let Some((src, target)) = queue.lock().unwrap().next() else { return };
+                let Some((src, target)) = queue.lock().unwrap().next() else {
+                    return;
+                };
                 compile(&nvcc, &kernels, src, target, &out);
             });
         }
@@ -69,7 +82,9 @@ fn main() {
             "    KernelModule {{ name: \"{stem}\", ptx: include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\")), cubins: &["
         );
         for a in &archs {
-            table += &format!("({a}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.sm_{a}.cubin\"))), ");
+            table += &format!(
+                "({a}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.sm_{a}.cubin\"))), "
+            );
         }
         table += "] },\n";
     }
@@ -80,8 +95,16 @@ fn main() {
 fn compile(nvcc: &str, include: &Path, src: &Path, target: Option<u32>, out: &Path) {
     let stem = src.file_stem().unwrap().to_str().unwrap();
     let (kind, arch, file) = match target {
-        None => ("-ptx", "-arch=compute_80".to_string(), out.join(format!("{stem}.ptx"))),
-        Some(a) => ("-cubin", format!("-arch=sm_{a}"), out.join(format!("{stem}.sm_{a}.cubin"))),
+        None => (
+            "-ptx",
+            "-arch=compute_80".to_string(),
+            out.join(format!("{stem}.ptx")),
+        ),
+        Some(a) => (
+            "-cubin",
+            format!("-arch=sm_{a}"),
+            out.join(format!("{stem}.sm_{a}.cubin")),
+        ),
     };
     let output = Command::new(nvcc)
         .args([kind, &arch, "-O3", "-std=c++17", "-lineinfo"])
@@ -91,7 +114,9 @@ fn compile(nvcc: &str, include: &Path, src: &Path, target: Option<u32>, out: &Pa
         .arg(&file)
         .arg(src)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run `{nvcc}` ({e}): put nvcc on PATH or set NVCC / CUDA_HOME"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run `{nvcc}` ({e}): put nvcc on PATH or set NVCC / CUDA_HOME")
+        });
     if !output.status.success() {
         panic!(
             "nvcc {kind} {arch} failed on {}:\n{}",

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
@@ -73,7 +73,11 @@ fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
-fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+fn wrap<T: CudaDType + DeviceRepr>(
+    s: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }
@@ -104,14 +108,20 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, p: &TopKParams) -> Result<(
     let ids = dev.alloc_zeros::<u32>(n_tokens * k)?;
     let weights = dev.alloc_zeros::<f32>(n_tokens * k)?;
     if n_tokens > 0 {
-        let bias = bias.map(|b| b.to_dtype(DType::F32)?.contiguous()).transpose()?;
-        let func = function(&dev, "moe_topk", &format!("moe_topk_{}", suffix(logits.dtype())?))?;
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.contiguous())
+            .transpose()?;
+        let func = function(
+            &dev,
+            "moe_topk",
+            &format!("moe_topk_{}", suffix(logits.dtype())?),
+        )?;
         let cfg = LaunchConfig {
             grid_dim: (n_tokens as u32, 1, 1),
             block_dim: (32, 1, 1),
             shared_mem_bytes: p.smem_bytes(n_experts) as u32,
         };
-        fn go<T: CudaDType + DeviceRepr>(
+        fn go<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
             dev: &CudaDevice,
             func: &CudaFunction,
             cfg: LaunchConfig,
@@ -130,8 +140,11 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, p: &TopKParams) -> Result<(
             match bias {
                 Some(t) => {
                     bias_guard = t.storage_and_layout();
+                    let Some((o1, o2)) = bias_guard.1.contiguous_offsets() else {
+                        bail!("moe-kernels: the routing bias must be contiguous")
+                    };
                     bias_view = match &*bias_guard.0 {
-                        Storage::Cuda(cs) => cs.as_cuda_slice::<f32>()?.slice(..),
+                        Storage::Cuda(cs) => cs.as_cuda_slice::<f32>()?.slice(o1..o2),
                         _ => bail!("moe-kernels: the routing bias is not on the GPU"),
                     };
                     b.arg(&bias_view);
@@ -140,7 +153,12 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, p: &TopKParams) -> Result<(
                     b.arg(&NULL);
                 }
             }
-            let ints = [n_experts as i32, p.top_k as i32, p.scoring, p.renormalize as i32];
+            let ints = [
+                n_experts as i32,
+                p.top_k as i32,
+                p.scoring,
+                p.renormalize as i32,
+            ];
             b.arg(out.0).arg(out.1);
             for v in &ints {
                 b.arg(v);
@@ -159,7 +177,10 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, p: &TopKParams) -> Result<(
             _ => go::<half::bf16>(&dev, &func, cfg, &logits, bias, out, n_experts, p)?,
         }
     }
-    Ok((wrap(ids, &dev, (n_tokens, k)), wrap(weights, &dev, (n_tokens, k))))
+    Ok((
+        wrap(ids, &dev, (n_tokens, k)),
+        wrap(weights, &dev, (n_tokens, k)),
+    ))
 }
 
 /// Device buffers of `moe_align` (see `kernels/moe_align.cu` and [`crate::AlignedGroups`]).
@@ -170,7 +191,13 @@ struct Aligned {
     capacity: usize,
 }
 
-fn align(dev: &CudaDevice, ids: &CudaSlice<u32>, n_pairs: usize, n_experts: usize, tile: usize) -> Result<Aligned> {
+fn align(
+    dev: &CudaDevice,
+    ids: &CudaSlice<u32>,
+    n_pairs: usize,
+    n_experts: usize,
+    tile: usize,
+) -> Result<Aligned> {
     let capacity = crate::align_capacity(n_pairs, n_experts, tile);
     let offsets = dev.alloc_zeros::<i32>(n_experts + 1)?;
     let a = Aligned {
@@ -184,7 +211,10 @@ fn align(dev: &CudaDevice, ids: &CudaSlice<u32>, n_pairs: usize, n_experts: usiz
     let mut b = stream.launch_builder(&func);
     let (np, ne, t) = (n_pairs as i32, n_experts as i32, tile as i32);
     b.arg(ids).arg(&np).arg(&ne).arg(&t);
-    b.arg(&offsets).arg(&a.sorted_pairs).arg(&a.tile_expert).arg(&a.pair_slot);
+    b.arg(&offsets)
+        .arg(&a.sorted_pairs)
+        .arg(&a.tile_expert)
+        .arg(&a.pair_slot);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (256, 1, 1),
@@ -216,7 +246,13 @@ pub struct ExpertTensors<'a> {
 /// up to [`DECODE_MAX_TOKENS`] tokens (and for f32, chunk by chunk), else the grouped
 /// tensor-core GEMM with the combine fused into its epilogue. `x` `[n, hidden]`,
 /// `ids`/`weights` `[n, k]`; returns `[n, hidden]` in `x`'s dtype.
-pub fn moe_experts(x: &Tensor, ids: &Tensor, weights: &Tensor, e: &ExpertTensors, n_experts: usize) -> Result<Tensor> {
+pub fn moe_experts(
+    x: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+    e: &ExpertTensors,
+    n_experts: usize,
+) -> Result<Tensor> {
     let (n_tokens, hidden) = x.dims2()?;
     let (_, top_k) = ids.dims2()?;
     let inter = e.gate.dim(1)?;
@@ -253,7 +289,9 @@ macro_rules! opt_arg {
         let $view = match &$guard {
             Some((s, l)) => match &**s {
                 Storage::Cuda(cs) => {
-                    let (o1, o2) = l.contiguous_offsets().expect("contiguous (checked by the caller)");
+                    let (o1, o2) = l
+                        .contiguous_offsets()
+                        .expect("contiguous (checked by the caller)");
                     Some(cs.as_cuda_slice::<$ty>()?.slice(o1..o2))
                 }
                 _ => bail!("moe-kernels: an expert tensor is not on the GPU"),
@@ -286,7 +324,7 @@ fn decode(
     let n_pairs = n_tokens * top_k;
     let sfx = suffix(x.dtype())?;
     let rows = decode_rows_per_block();
-    fn go<T: CudaDType + DeviceRepr>(
+    fn go<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         dev: &CudaDevice,
         sfx: &str,
         x: &Tensor,
@@ -307,7 +345,13 @@ fn decode(
         view!(e.gate, T, gg, gv);
         view!(e.up, T, ug, uv);
         view!(e.down, T, dg, dv);
-        let (np, k, ni, nh, rpb) = (n_pairs as i32, top_k as i32, inter as i32, hidden as i32, rows as i32);
+        let (np, k, ni, nh, rpb) = (
+            n_pairs as i32,
+            top_k as i32,
+            inter as i32,
+            hidden as i32,
+            rows as i32,
+        );
         let (act, (alpha, limit)) = (e.act, e.act_params);
         {
             let f = function(dev, "moe_decode", &format!("moe_decode_gate_up_{sfx}"))?;
@@ -401,7 +445,12 @@ fn grouped(
     let n_pairs = n_tokens * top_k;
     let tile = gemm_tile_for(n_pairs, n_experts);
     let sfx = suffix(x.dtype())?;
-    let name = |stage: &str| format!("moe_gemm_{stage}_{sfx}_m{}n{}k{}", tile.bm, tile.bn, tile.bk);
+    let name = |stage: &str| {
+        format!(
+            "moe_gemm_{stage}_{sfx}_m{}n{}k{}",
+            tile.bm, tile.bn, tile.bk
+        )
+    };
     let ids_flat = {
         view!(ids, u32, ig, idv);
         let mut copy = dev.alloc_zeros::<u32>(n_pairs)?;
@@ -411,7 +460,7 @@ fn grouped(
     };
     let a = align(&dev, &ids_flat, n_pairs, n_experts, tile.bm)?;
     let acc = dev.alloc_zeros::<f32>(n_tokens * hidden)?;
-    fn go<T: CudaDType + DeviceRepr>(
+    fn go<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
         dev: &CudaDevice,
         names: (String, String),
         x: &Tensor,
@@ -440,7 +489,12 @@ fn grouped(
             opt_arg!(b, e.biases.map(|b| b.0), T, bg_g, bg_v);
             opt_arg!(b, e.biases.map(|b| b.1), T, bu_g, bu_v);
             opt_arg!(b, e.expert_slot, i32, s_g, s_v);
-            b.arg(&a.sorted_pairs).arg(&a.tile_expert).arg(&np).arg(&k).arg(&ni).arg(&nh);
+            b.arg(&a.sorted_pairs)
+                .arg(&a.tile_expert)
+                .arg(&np)
+                .arg(&k)
+                .arg(&ni)
+                .arg(&nh);
             b.arg(&act).arg(&alpha).arg(&limit).arg(&inter_buf);
             let cfg = LaunchConfig {
                 grid_dim: (inter.div_ceil(tile.bn) as u32, m_tiles, 1),
@@ -455,7 +509,13 @@ fn grouped(
             b.arg(&inter_buf).arg(&dv);
             opt_arg!(b, e.biases.map(|b| b.2), T, bd_g, bd_v);
             opt_arg!(b, e.expert_slot, i32, s_g, s_v);
-            b.arg(&a.sorted_pairs).arg(&a.tile_expert).arg(&wv).arg(&np).arg(&k).arg(&nh).arg(&ni);
+            b.arg(&a.sorted_pairs)
+                .arg(&a.tile_expert)
+                .arg(&wv)
+                .arg(&np)
+                .arg(&k)
+                .arg(&nh)
+                .arg(&ni);
             b.arg(acc).arg(&NULL);
             let cfg = LaunchConfig {
                 grid_dim: (hidden.div_ceil(tile.bn) as u32, m_tiles, 1),

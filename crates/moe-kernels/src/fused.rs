@@ -36,9 +36,27 @@ pub struct GemmTile {
 
 /// The tile table compiled into the kernels (mirror of `MOE_GEMM_TILES`).
 pub const GEMM_TILES: [GemmTile; 3] = [
-    GemmTile { bm: 16, bn: 64, bk: 32, warps_m: 1, warps_n: 4 },
-    GemmTile { bm: 32, bn: 64, bk: 32, warps_m: 2, warps_n: 2 },
-    GemmTile { bm: 64, bn: 64, bk: 32, warps_m: 2, warps_n: 2 },
+    GemmTile {
+        bm: 16,
+        bn: 64,
+        bk: 32,
+        warps_m: 1,
+        warps_n: 4,
+    },
+    GemmTile {
+        bm: 32,
+        bn: 64,
+        bk: 32,
+        warps_m: 2,
+        warps_n: 2,
+    },
+    GemmTile {
+        bm: 64,
+        bn: 64,
+        bk: 32,
+        warps_m: 2,
+        warps_n: 2,
+    },
 ];
 
 /// The tile for a routing of `n_pairs` pairs over `n_experts` experts: the smallest whose
@@ -81,9 +99,14 @@ impl TopKParams {
             ScoringFunction::Sigmoid | ScoringFunction::SigmoidGroupLimited(_) => (2, 1e-20),
             ScoringFunction::SparseMixer { .. } => return None,
         };
-        let (n_group, topk_group, group_score) = spec.scoring.group_limit().map_or((1, 1, 0), |l| {
-            (l.n_group as i32, l.topk_group as i32, (l.group_score == GroupScore::SumTop2) as i32)
-        });
+        let (n_group, topk_group, group_score) =
+            spec.scoring.group_limit().map_or((1, 1, 0), |l| {
+                (
+                    l.n_group as i32,
+                    l.topk_group as i32,
+                    (l.group_score == GroupScore::SumTop2) as i32,
+                )
+            });
         Some(Self {
             top_k: spec.top_k,
             scoring,
@@ -111,7 +134,10 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, spec: &RoutingSpec) -> Resu
         Device::Cuda(_) => match TopKParams::from_spec(spec) {
             Some(p) => {
                 let (expert_ids, weights) = crate::cuda::route(logits, bias, &p)?;
-                Ok(Routing { expert_ids, weights })
+                Ok(Routing {
+                    expert_ids,
+                    weights,
+                })
             }
             None => route_with_bias(logits, bias, spec),
         },
@@ -144,11 +170,27 @@ impl StackedExperts {
             Ok(Tensor::stack(&ts, 0)?)
         };
         let biases = match experts.first() {
-            Some((_, w)) if w.gate_bias.is_some() && w.up_bias.is_some() && w.down_bias.is_some() => Some((
-                pick(&|w| w.gate_bias.as_ref().expect("all experts of a layer have biases"))?,
-                pick(&|w| w.up_bias.as_ref().expect("all experts of a layer have biases"))?,
-                pick(&|w| w.down_bias.as_ref().expect("all experts of a layer have biases"))?,
-            )),
+            Some((_, w))
+                if w.gate_bias.is_some() && w.up_bias.is_some() && w.down_bias.is_some() =>
+            {
+                Some((
+                    pick(&|w| {
+                        w.gate_bias
+                            .as_ref()
+                            .expect("all experts of a layer have biases")
+                    })?,
+                    pick(&|w| {
+                        w.up_bias
+                            .as_ref()
+                            .expect("all experts of a layer have biases")
+                    })?,
+                    pick(&|w| {
+                        w.down_bias
+                            .as_ref()
+                            .expect("all experts of a layer have biases")
+                    })?,
+                ))
+            }
             _ => None,
         };
         let mut expert_slot = vec![0u32; n_experts];
@@ -165,7 +207,9 @@ impl StackedExperts {
     }
 
     fn slot(&self, expert: usize) -> usize {
-        self.expert_slot.as_ref().map_or(expert, |s| s[expert] as usize)
+        self.expert_slot
+            .as_ref()
+            .map_or(expert, |s| s[expert] as usize)
     }
 }
 
@@ -183,7 +227,16 @@ pub struct MoeExperts<'a> {
 impl MoeExperts<'_> {
     /// Applies the op.
     pub fn forward(&self, x: &Tensor, ids: &Tensor, weights: &Tensor) -> Result<Tensor> {
-        Ok(x.apply_op3_no_bwd(ids, weights, self)?)
+        // the CUDA side rebuilds tensors from storages: give it contiguous ones at offset 0
+        let dense = |t: &Tensor| -> candle_core::Result<Tensor> {
+            if t.is_contiguous() && t.layout().start_offset() == 0 {
+                Ok(t.clone())
+            } else {
+                t.force_contiguous()
+            }
+        };
+        let (x, ids, weights) = (dense(x)?, dense(ids)?, dense(weights)?);
+        Ok(x.apply_op3_no_bwd(&ids, &weights, self)?)
     }
 }
 
@@ -235,20 +288,28 @@ impl CustomOp3 for MoeExperts<'_> {
         let weights: Vec<f32> = cpu_tensor(ws, wl)?.flatten_all()?.to_vec1()?;
         let (n_tokens, hidden) = x.dims2()?;
         let top_k = il.dims()[1];
-        let groups = ExpertGroups::from_slices(&ids, &weights, top_k, self.n_experts).map_err(candle_err)?;
+        let groups =
+            ExpertGroups::from_slices(&ids, &weights, top_k, self.n_experts).map_err(candle_err)?;
         let e = self.experts;
         let mut outputs = Vec::new();
         for expert in groups.active_experts() {
             let slot = e.slot(expert);
             let mut w = ExpertWeights::new(e.gate.get(slot)?, e.up.get(slot)?, e.down.get(slot)?);
             if let Some((bg, bu, bd)) = &e.biases {
-                (w.gate_bias, w.up_bias, w.down_bias) = (Some(bg.get(slot)?), Some(bu.get(slot)?), Some(bd.get(slot)?));
+                (w.gate_bias, w.up_bias, w.down_bias) = (
+                    Some(bg.get(slot)?),
+                    Some(bu.get(slot)?),
+                    Some(bd.get(slot)?),
+                );
             }
             let (rows, _) = groups.rows(expert);
             let rows = Tensor::from_slice(rows, rows.len(), &Device::Cpu)?;
-            outputs.push(expert_ffn(&x.index_select(&rows, 0)?, &w, self.activation).map_err(candle_err)?);
+            outputs.push(
+                expert_ffn(&x.index_select(&rows, 0)?, &w, self.activation).map_err(candle_err)?,
+            );
         }
-        let y = combine(n_tokens, hidden, &groups, &outputs, x.dtype(), &Device::Cpu).map_err(candle_err)?;
+        let y = combine(n_tokens, hidden, &groups, &outputs, x.dtype(), &Device::Cpu)
+            .map_err(candle_err)?;
         Ok((cpu_storage(&y)?, Shape::from((n_tokens, hidden))))
     }
 
@@ -268,7 +329,12 @@ impl CustomOp3 for MoeExperts<'_> {
         use candle_core::Storage;
         let dev = xs.device().clone();
         let tensor = |s: &candle_core::CudaStorage, l: &Layout| -> candle_core::Result<Tensor> {
-            let t = Tensor::from_storage(Storage::Cuda(s.try_clone(l)?), l.shape().clone(), BackpropOp::none(), false);
+            let t = Tensor::from_storage(
+                Storage::Cuda(s.try_clone(l)?),
+                l.shape().clone(),
+                BackpropOp::none(),
+                false,
+            );
             Ok(t)
         };
         let (x, ids, weights) = (tensor(xs, xl)?, tensor(is, il)?, tensor(ws, wl)?);
@@ -280,7 +346,11 @@ impl CustomOp3 for MoeExperts<'_> {
             }
             None => None,
         };
-        let (gate, up, down) = (e.gate.contiguous()?, e.up.contiguous()?, e.down.contiguous()?);
+        let (gate, up, down) = (
+            e.gate.contiguous()?,
+            e.up.contiguous()?,
+            e.down.contiguous()?,
+        );
         let biases = match &e.biases {
             Some((a, b, c)) => Some((a.contiguous()?, b.contiguous()?, c.contiguous()?)),
             None => None,
@@ -302,7 +372,10 @@ impl CustomOp3 for MoeExperts<'_> {
         let shape = y.shape().clone();
         let (s, _) = y.storage_and_layout();
         match &*s {
-            Storage::Cuda(cs) => Ok((cs.try_clone(&candle_core::Layout::contiguous(&shape))?, shape)),
+            Storage::Cuda(cs) => Ok((
+                cs.try_clone(&candle_core::Layout::contiguous(&shape))?,
+                shape,
+            )),
             _ => candle_core::bail!("moe-experts: the CUDA result is not on the GPU"),
         }
     }

@@ -174,11 +174,36 @@ fn read_records(path: &Path) -> Records {
         let code = u32::from_le_bytes(take(4).try_into().unwrap());
         let n = u64::from_le_bytes(take(8).try_into().unwrap()) as usize;
         let data = match code {
-            0 => Data::F32(take(4 * n).chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
-            1 => Data::F16(take(2 * n).chunks(2).map(|c| half::f16::from_le_bytes(c.try_into().unwrap())).collect()),
-            2 => Data::Bf16(take(2 * n).chunks(2).map(|c| half::bf16::from_le_bytes(c.try_into().unwrap())).collect()),
-            3 => Data::U32(take(4 * n).chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()),
-            4 => Data::I32(take(4 * n).chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect()),
+            0 => Data::F32(
+                take(4 * n)
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            1 => Data::F16(
+                take(2 * n)
+                    .chunks(2)
+                    .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            2 => Data::Bf16(
+                take(2 * n)
+                    .chunks(2)
+                    .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            3 => Data::U32(
+                take(4 * n)
+                    .chunks(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            4 => Data::I32(
+                take(4 * n)
+                    .chunks(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
             c => panic!("bad dtype code {c}"),
         };
         at += 4 + len + 4 + 8 + n * if matches!(code, 1 | 2) { 2 } else { 4 };
@@ -196,7 +221,10 @@ fn run(op: &str, mut inputs: Records) -> Option<Records> {
         dir.join(format!("shim-{}-{id}.in", std::process::id())),
         dir.join(format!("shim-{}-{id}.out", std::process::id())),
     );
-    inputs.insert("op".into(), Data::U32(op.chars().map(|c| c as u32).collect()));
+    inputs.insert(
+        "op".into(),
+        Data::U32(op.chars().map(|c| c as u32).collect()),
+    );
     write_records(&inp, &inputs);
     let result = Command::new(harness).arg(&inp).arg(&out).output().unwrap();
     assert!(
@@ -237,14 +265,26 @@ fn topk_case(rng: &mut Rng, n_tokens: usize, spec: &RoutingSpec, with_bias: bool
         ScoringFunction::SparseMixer { .. } => unreachable!("no kernel for sparsemixer"),
     };
     let (n_group, topk_group, group_score) = spec.scoring.group_limit().map_or((1, 1, 0), |l| {
-        (l.n_group, l.topk_group, (l.group_score == GroupScore::SumTop2) as i32)
+        (
+            l.n_group,
+            l.topk_group,
+            (l.group_score == GroupScore::SumTop2) as i32,
+        )
     });
     let mut inputs = Records::new();
     inputs.insert("logits".into(), logits);
     if let Some(b) = bias {
         inputs.insert("bias".into(), Data::F32(b));
     }
-    let params = [n_tokens, n_experts, spec.top_k, scoring, spec.renormalize as usize, n_group, topk_group];
+    let params = [
+        n_tokens,
+        n_experts,
+        spec.top_k,
+        scoring,
+        spec.renormalize as usize,
+        n_group,
+        topk_group,
+    ];
     let mut params: Vec<i32> = params.iter().map(|&p| p as i32).collect();
     params.push(group_score);
     inputs.insert("params".into(), Data::I32(params));
@@ -252,7 +292,10 @@ fn topk_case(rng: &mut Rng, n_tokens: usize, spec: &RoutingSpec, with_bias: bool
     let got = run("topk", inputs).unwrap();
     let got_ids = got["ids"].u32s();
     let got_w = got["weights"].to_f32();
-    let what = format!("topk {n_tokens}x{n_experts} k={} {:?} bias={with_bias} {dtype:?}", spec.top_k, spec.scoring);
+    let what = format!(
+        "topk {n_tokens}x{n_experts} k={} {:?} bias={with_bias} {dtype:?}",
+        spec.top_k, spec.scoring
+    );
     assert_eq!(got_ids.len(), want_ids.len(), "{what}");
     for i in 0..want_ids.len() {
         // a swap of two experts whose weights agree to 1e-6 is a near-tie that the two softmax
@@ -273,11 +316,27 @@ fn topk_case(rng: &mut Rng, n_tokens: usize, spec: &RoutingSpec, with_bias: bool
 }
 
 fn limit(n_group: usize, topk_group: usize, group_score: GroupScore) -> GroupLimit {
-    GroupLimit { n_group, topk_group, group_score }
+    GroupLimit {
+        n_group,
+        topk_group,
+        group_score,
+    }
 }
 
-fn spec(n_experts: usize, top_k: usize, scoring: ScoringFunction, renormalize: bool, scale: f32) -> RoutingSpec {
-    RoutingSpec { n_experts, top_k, scoring, renormalize, scaling_factor: scale }
+fn spec(
+    n_experts: usize,
+    top_k: usize,
+    scoring: ScoringFunction,
+    renormalize: bool,
+    scale: f32,
+) -> RoutingSpec {
+    RoutingSpec {
+        n_experts,
+        top_k,
+        scoring,
+        renormalize,
+        scaling_factor: scale,
+    }
 }
 
 #[test]
@@ -287,12 +346,24 @@ fn topk_kernel_matches_the_cpu_router() {
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         // one token; tokens >> experts; experts not a multiple of the warp; top_k = n_experts
         topk_case(&mut rng, 1, &spec(8, 2, Softmax, true, 1.0), false, dtype);
-        topk_case(&mut rng, 37, &spec(60, 4, Softmax, false, 1.0), false, dtype);
+        topk_case(
+            &mut rng,
+            37,
+            &spec(60, 4, Softmax, false, 1.0),
+            false,
+            dtype,
+        );
         topk_case(&mut rng, 9, &spec(7, 7, Softmax, true, 1.0), false, dtype);
         topk_case(&mut rng, 3, &spec(1, 1, Softmax, false, 1.0), false, dtype);
         topk_case(&mut rng, 5, &spec(256, 8, Softmax, true, 1.0), false, dtype);
         // GPT-OSS / Granite: top-k of the logits, softmax over the chosen
-        topk_case(&mut rng, 11, &spec(32, 4, TopKThenSoftmax, false, 1.0), false, dtype);
+        topk_case(
+            &mut rng,
+            11,
+            &spec(32, 4, TopKThenSoftmax, false, 1.0),
+            false,
+            dtype,
+        );
         // DeepSeek-V3: sigmoid + correction bias + group limit (sum of top-2), scaled
         let v3 = SigmoidGroupLimited(limit(8, 4, GroupScore::SumTop2));
         topk_case(&mut rng, 13, &spec(64, 8, v3, true, 2.5), true, dtype);
@@ -316,12 +387,26 @@ fn align_case(rng: &mut Rng, n_tokens: usize, top_k: usize, n_experts: usize, ti
         "params".into(),
         Data::I32(vec![ids.len() as i32, n_experts as i32, tile as i32]),
     );
-    let Some(got) = run("align", inputs) else { return };
+    let Some(got) = run("align", inputs) else {
+        return;
+    };
     let what = format!("align {n_tokens} tokens k={top_k} {n_experts} experts tile {tile}");
     assert_eq!(got["offsets"].i32s(), &want.offsets[..], "{what}: offsets");
-    assert_eq!(got["sorted_pairs"].u32s(), &want.sorted_pairs[..], "{what}: sorted_pairs");
-    assert_eq!(got["tile_expert"].i32s(), &want.tile_expert[..], "{what}: tile_expert");
-    assert_eq!(got["pair_slot"].i32s(), &want.pair_slot[..], "{what}: pair_slot");
+    assert_eq!(
+        got["sorted_pairs"].u32s(),
+        &want.sorted_pairs[..],
+        "{what}: sorted_pairs"
+    );
+    assert_eq!(
+        got["tile_expert"].i32s(),
+        &want.tile_expert[..],
+        "{what}: tile_expert"
+    );
+    assert_eq!(
+        got["pair_slot"].i32s(),
+        &want.pair_slot[..],
+        "{what}: pair_slot"
+    );
 }
 
 #[test]
@@ -379,11 +464,20 @@ fn moe_case(rng: &mut Rng, c: &MoeCase, dtype: DType, path: KernelPath, tile_m: 
     // the twin: the CPU MoE pipeline (grouping -> expert_ffn per expert -> combine)
     let cpu = Device::Cpu;
     let t = |d: &Data, shape: &[usize]| {
-        Tensor::from_vec(d.to_f32(), shape, &cpu).unwrap().to_dtype(dtype).unwrap()
+        Tensor::from_vec(d.to_f32(), shape, &cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     };
     let x_t = t(&x, &[c.n_tokens, h]);
-    let (wg_t, wu_t, wd_t) = (t(&w_gate, &[e, i, h]), t(&w_up, &[e, i, h]), t(&w_down, &[e, h, i]));
-    let bias_t = biases.as_ref().map(|(bg, bu, bd)| (t(bg, &[e, i]), t(bu, &[e, i]), t(bd, &[e, h])));
+    let (wg_t, wu_t, wd_t) = (
+        t(&w_gate, &[e, i, h]),
+        t(&w_up, &[e, i, h]),
+        t(&w_down, &[e, h, i]),
+    );
+    let bias_t = biases
+        .as_ref()
+        .map(|(bg, bu, bd)| (t(bg, &[e, i]), t(bu, &[e, i]), t(bd, &[e, h])));
     let groups = ExpertGroups::from_slices(&ids, &weights, c.top_k, e).unwrap();
     let mut outputs = Vec::new();
     for expert in groups.active_experts() {
@@ -398,7 +492,8 @@ fn moe_case(rng: &mut Rng, c: &MoeCase, dtype: DType, path: KernelPath, tile_m: 
             w.up_bias = Some(bu.get(slot).unwrap());
             w.down_bias = Some(bd.get(slot).unwrap());
         }
-        let rows = Tensor::from_slice(groups.rows(expert).0, groups.rows(expert).0.len(), &cpu).unwrap();
+        let rows =
+            Tensor::from_slice(groups.rows(expert).0, groups.rows(expert).0.len(), &cpu).unwrap();
         outputs.push(expert_ffn(&x_t.index_select(&rows, 0).unwrap(), &w, c.act).unwrap());
     }
     let want: Vec<f32> = combine(c.n_tokens, h, &groups, &outputs, dtype, &cpu)
@@ -433,7 +528,10 @@ fn moe_case(rng: &mut Rng, c: &MoeCase, dtype: DType, path: KernelPath, tile_m: 
     inputs.insert("ids".into(), Data::U32(ids.clone()));
     inputs.insert("weights".into(), Data::F32(weights));
     let params = [c.n_tokens, c.top_k, e, h, i, act, path_code, tile_m, 5];
-    inputs.insert("params".into(), Data::I32(params.iter().map(|&p| p as i32).collect()));
+    inputs.insert(
+        "params".into(),
+        Data::I32(params.iter().map(|&p| p as i32).collect()),
+    );
     inputs.insert("fparams".into(), Data::F32(vec![alpha, lim]));
     let got = run("moe", inputs).unwrap();
     let what = format!(
@@ -451,20 +549,34 @@ fn moe_case(rng: &mut Rng, c: &MoeCase, dtype: DType, path: KernelPath, tile_m: 
     let max_err = y
         .iter()
         .zip(&want)
-        .map(|(a, b)| if a.is_finite() { (a - b).abs() } else { f32::INFINITY })
+        .map(|(a, b)| {
+            if a.is_finite() {
+                (a - b).abs()
+            } else {
+                f32::INFINITY
+            }
+        })
         .fold(0f32, f32::max);
     let tol = match dtype {
         DType::F32 => 1e-5,
         DType::F16 => 4e-3,
         _ => 2e-2,
     };
-    assert!(max_err / scale <= tol, "{what}: normalized error {} > {tol}", max_err / scale);
+    assert!(
+        max_err / scale <= tol,
+        "{what}: normalized error {} > {tol}",
+        max_err / scale
+    );
 
     if let KernelPath::Decode = path {
         // each selected expert's weights read exactly once in the step, the others never
         let selected: std::collections::BTreeSet<usize> =
             ids.iter().map(|&e| slot_of[e as usize] as usize).collect();
-        for (name, per_slot) in [("reads_gate", i * h), ("reads_up", i * h), ("reads_down", h * i)] {
+        for (name, per_slot) in [
+            ("reads_gate", i * h),
+            ("reads_up", i * h),
+            ("reads_down", h * i),
+        ] {
             let reads = got[name].u32s();
             assert_eq!(reads.len(), e * per_slot, "{what}: {name}");
             for slot in 0..e {
@@ -481,11 +593,20 @@ fn moe_case(rng: &mut Rng, c: &MoeCase, dtype: DType, path: KernelPath, tile_m: 
     }
 }
 
-const GPT_OSS: ExpertActivation = ExpertActivation::ClampedSwiGlu { alpha: 1.702, limit: 7.0 };
+const GPT_OSS: ExpertActivation = ExpertActivation::ClampedSwiGlu {
+    alpha: 1.702,
+    limit: 7.0,
+};
 
 fn gemm_cases() -> Vec<MoeCase> {
     let case = |n_tokens, top_k, n_experts, hidden, inter, act, with_bias| MoeCase {
-        n_tokens, top_k, n_experts, hidden, inter, act, with_bias,
+        n_tokens,
+        top_k,
+        n_experts,
+        hidden,
+        inter,
+        act,
+        with_bias,
     };
     vec![
         case(1, 2, 8, 40, 72, ExpertActivation::SiluGlu, false), // one token
@@ -511,7 +632,13 @@ fn grouped_gemm_kernels_match_the_cpu_moe_pipeline() {
 fn decode_kernels_match_and_read_each_expert_once() {
     let mut rng = Rng::new("decode");
     let case = |n_tokens, top_k, n_experts, hidden, inter, act, with_bias| MoeCase {
-        n_tokens, top_k, n_experts, hidden, inter, act, with_bias,
+        n_tokens,
+        top_k,
+        n_experts,
+        hidden,
+        inter,
+        act,
+        with_bias,
     };
     let cases = [
         case(1, 2, 8, 40, 72, ExpertActivation::SiluGlu, false), // batch 1

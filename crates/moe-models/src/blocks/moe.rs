@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use moe_core::{ExpertKey, Result, Routing, RoutingSpec};
-use moe_kernels::{combine, expert_ffn, fused, ExpertActivation, ExpertGroups, MoeExperts, StackedExperts};
+use moe_kernels::{
+    combine, expert_ffn, fused, ExpertActivation, ExpertGroups, MoeExperts, StackedExperts,
+};
 
 use crate::blocks::linear::Linear;
 use crate::blocks::mlp::GatedMlp;
@@ -62,7 +64,7 @@ impl SparseMoeBlock {
         observer: Option<&mut dyn RoutingObserver>,
     ) -> Result<Tensor> {
         x.dims2()?; // [n_tokens, hidden]
-        // [n_tokens, n_experts]
+                    // [n_tokens, n_experts]
         let logits = if self.f32_logits {
             self.router.forward(&x.to_dtype(DType::F32)?)?
         } else {
@@ -110,7 +112,10 @@ impl SparseMoeBlock {
         let weights = active
             .iter()
             .map(|&expert| {
-                let key = ExpertKey { layer: self.layer, expert };
+                let key = ExpertKey {
+                    layer: self.layer,
+                    expert,
+                };
                 Ok((expert, self.experts.expert(key)?))
             })
             .collect::<Result<Vec<_>>>()?;
