@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-target/shim-sanitizers}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 flags=(-std=c++20 -O1 -g -fno-omit-frame-pointer -pthread -DMOE_SHIM_THREADS -Ikernels
        -include kernels/shim/cuda_cpu_shim.h kernels/shim_tests/harness.cpp)
 g++ "${flags[@]}" -fsanitize=address,undefined -fno-sanitize-recover=undefined -o "$out/harness.asan" &
@@ -16,7 +17,7 @@ wait
 fail=0
 for san in asan tsan; do
   if ASAN_OPTIONS=detect_leaks=0 TSAN_OPTIONS=halt_on_error=1 \
-     MOE_SHIM_HARNESS=$PWD/$out/harness.$san timeout 1200 \
+     MOE_SHIM_HARNESS=$out/harness.$san timeout 1200 \
      cargo test -q -p moe-kernels --test shim --locked -- --test-threads=1; then
     echo "shim $san: ok"
   else

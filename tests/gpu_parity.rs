@@ -16,7 +16,9 @@ fn fixtures_match_transformers_on_cuda() {
     let device = match Device::new_cuda(0) {
         Ok(d) => d,
         Err(e) => {
-            println!("skipping the CUDA fixture parity: {e}");
+            let e = e.to_string();
+            let reason = e.lines().next().unwrap_or_default();
+            println!("skipping the CUDA fixture parity: {reason}");
             return;
         }
     };
