@@ -15,8 +15,11 @@ g++ "${flags[@]}" -fsanitize=address,undefined -fno-sanitize-recover=undefined -
 g++ "${flags[@]}" -fsanitize=thread -o "$out/harness.tsan" &
 wait
 fail=0
+# TSan runs an OS thread per CUDA thread under instrumentation: the first cases of each test
 for san in asan tsan; do
-  if ASAN_OPTIONS=detect_leaks=0 TSAN_OPTIONS=halt_on_error=1 \
+  max_runs=""
+  [ "$san" = tsan ] && max_runs=${TSAN_MAX_RUNS:-4}
+  if ASAN_OPTIONS=detect_leaks=0 TSAN_OPTIONS=halt_on_error=1 MOE_SHIM_MAX_RUNS=$max_runs \
      MOE_SHIM_HARNESS=$out/harness.$san timeout 1200 \
      cargo test -q -p moe-kernels --test shim --locked -- --test-threads=1; then
     echo "shim $san: ok"
