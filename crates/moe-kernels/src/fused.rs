@@ -380,3 +380,40 @@ impl CustomOp3 for MoeExperts<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `GEMM_TILES` must mirror `MOE_GEMM_TILES` in kernels/common.cuh (the kernel names and
+    /// the launch grids are derived from it).
+    #[test]
+    fn tile_table_mirrors_the_kernels_header() {
+        let header = include_str!("../../../kernels/common.cuh");
+        let start = header.find("#define MOE_GEMM_TILES(X)").unwrap();
+        let rows: Vec<Vec<usize>> = header[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.trim_start().starts_with("X("))
+            .map(|l| {
+                let inner = &l[l.find("X(").unwrap() + 2..l.find(')').unwrap()];
+                inner
+                    .split(',')
+                    .map(|v| v.trim().parse().unwrap())
+                    .collect()
+            })
+            .collect();
+        let mirror: Vec<Vec<usize>> = GEMM_TILES
+            .iter()
+            .map(|t| vec![t.bm, t.bn, t.bk, t.warps_m, t.warps_n])
+            .collect();
+        assert_eq!(rows, mirror);
+    }
+
+    #[test]
+    fn tile_choice_follows_rows_per_expert() {
+        assert_eq!(gemm_tile_for(1, 8).bm, 16);
+        assert_eq!(gemm_tile_for(64, 2).bm, 32);
+        assert_eq!(gemm_tile_for(4096 * 8, 64).bm, 64);
+    }
+}
