@@ -5,17 +5,23 @@
 //! Knows nothing of checkpoints, architectures or where expert weights live.
 #![warn(missing_docs)]
 
+pub mod align;
 pub mod combine;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod expert_ffn;
+pub mod fused;
 pub mod grouping;
 pub mod matmul;
 pub mod rms_norm;
 pub mod routing;
 pub mod softmax;
 
+pub use align::{align_capacity, AlignedGroups};
 pub use combine::combine;
 pub use expert_ffn::{expert_ffn, expert_ffn_reference, ExpertActivation, ExpertWeights};
+pub use fused::{MoeExperts, StackedExperts};
 pub use grouping::ExpertGroups;
 pub use matmul::{matmul_nn, matmul_nt, SumOrder};
 pub use rms_norm::rms_norm;

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use moe_core::{ExpertKey, Result, Routing, RoutingSpec};
 use moe_kernels::cpu::{fast_grouped_experts, numerics, Numerics};
-use moe_kernels::{combine, expert_ffn, route_with_bias, ExpertActivation, ExpertGroups};
+use moe_kernels::{
+    combine, expert_ffn, fused, ExpertActivation, ExpertGroups, MoeExperts, StackedExperts,
+};
 
 use crate::blocks::linear::Linear;
 use crate::blocks::mlp::GatedMlp;
@@ -63,7 +65,8 @@ impl SparseMoeBlock {
         } else {
             self.router.forward(x)?
         };
-        let mut routing = route_with_bias(&logits, self.correction_bias.as_ref(), &self.routing)?;
+        // the CPU kernel on the CPU, kernels/moe_topk.cu on a GPU
+        let mut routing = fused::route(&logits, self.correction_bias.as_ref(), &self.routing)?;
         if self.round_weights {
             routing.weights = routing.weights.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
         }
@@ -92,9 +95,13 @@ impl SparseMoeBlock {
         let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
         let active: Vec<usize> = groups.active_experts().collect();
         self.experts.routed(self.layer, n_tokens, &active);
-        let mut y = match self.routed_fast(x, &groups, &active)? {
-            Some(y) => y,
-            None => self.routed_reference(x, &groups, &active)?,
+        let mut y = if x.device().is_cuda() {
+            self.routed_on_gpu(x, &routing, &groups, &active)?
+        } else {
+            match self.routed_fast(x, &groups, &active)? {
+                Some(y) => y,
+                None => self.routed_reference(x, &groups, &active)?,
+            }
         };
         if let Some(shared) = &self.shared {
             let mut s = shared.mlp.forward(x)?;
@@ -162,6 +169,56 @@ impl SparseMoeBlock {
             });
         }
         Ok(y)
+    }
+
+    /// Our CUDA kernels: the active experts stacked into slots, then the decode kernels or the
+    /// grouped GEMM with the combine fused (`moe_kernels::MoeExperts`).
+    fn routed_on_gpu(
+        &self,
+        x: &Tensor,
+        routing: &Routing,
+        groups: &ExpertGroups,
+        active: &[usize],
+    ) -> Result<Tensor> {
+        if self
+            .experts
+            .max_held_experts()
+            .is_some_and(|most| most < active.len())
+        {
+            static BUDGETED: std::sync::Once = std::sync::Once::new();
+            BUDGETED.call_once(|| {
+                eprintln!(
+                    "moe-models: the expert budget allows fewer experts at once than a layer \
+                     routes to: on CUDA the experts run one at a time with candle ops"
+                )
+            });
+            return self.routed_reference(x, groups, active);
+        }
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            eprintln!(
+                "moe-models: on CUDA the active experts are stacked into a temporary pool every \
+                 step (the expert cache has no device pool yet)"
+            )
+        });
+        let weights = active
+            .iter()
+            .map(|&expert| {
+                let key = ExpertKey {
+                    layer: self.layer,
+                    expert,
+                };
+                Ok((expert, self.experts.expert(key)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<_> = weights.iter().map(|(e, w)| (*e, w.as_ref())).collect();
+        let stacked = StackedExperts::stack(&refs, self.routing.n_experts)?;
+        let op = MoeExperts {
+            experts: &stacked,
+            n_experts: self.routing.n_experts,
+            activation: self.activation,
+        };
+        op.forward(x, &routing.expert_ids, &routing.weights)
     }
 
     /// The routed experts one at a time with [`expert_ffn`], then [`combine`]: the path that
