@@ -60,9 +60,11 @@ import sys
 tree, model, out, outtype = sys.argv[1:5]
 sys.path[:0] = [tree, tree + "/gguf-py"]
 import convert_hf_to_gguf as c
-for obj in vars(c).values():
-    if isinstance(obj, type) and "get_vocab_base_pre" in vars(obj):
-        obj.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+for name, module in list(sys.modules.items()):
+    if name == "convert_hf_to_gguf" or name.split(".")[0] == "conversion":
+        for obj in list(vars(module).values()):
+            if isinstance(obj, type) and "get_vocab_base_pre" in vars(obj):
+                obj.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype]
 c.main()
 PY
@@ -99,7 +101,7 @@ for line in bb.splitlines():
         out[f"decode_agg_tok_s_{cells[2]}"] = float(cells[7])
 print(json.dumps(out))
 print(f"llama.cpp {t:>5}: pp128 {out.get('prefill_128_tok_s', 0):7.1f}  pp512 {out.get('prefill_512_tok_s', 0):7.1f}  "
-      f"tg{len('')}{out.get('decode_tok_s', 0):7.2f}  agg@1/4/16 " +
+      f"tg {out.get('decode_tok_s', 0):7.2f}  agg@1/4/16 " +
       " ".join(f"{out.get(f'decode_agg_tok_s_{n}', 0):.1f}" for n in (1, 4, 16)), file=sys.stderr)
 PY
   done
