@@ -214,7 +214,11 @@ fn write_plot(r: &BenchReport, path: &Path) -> Result<()> {
         .y_desc("decode tok/s")
         .draw()
         .map_err(|e| plot_err(&e))?;
-    let series: [(&str, RGBColor, fn(&moe_engine::bench::DecodeResult) -> &Stat); 2] = [
+    let series: [(
+        &str,
+        RGBColor,
+        fn(&moe_engine::bench::DecodeResult) -> &Stat,
+    ); 2] = [
         ("aggregate", BLUE, |d| &d.aggregate_tokens_per_second),
         ("per sequence", RED, |d| &d.per_sequence_tokens_per_second),
     ];

@@ -43,7 +43,11 @@ fn json_of(output: &Output) -> Value {
 
 /// A `Stat` object: positive samples, min <= median <= max.
 fn check_stat(stat: &Value, what: &str) {
-    let get = |k: &str| stat[k].as_f64().unwrap_or_else(|| panic!("{what}.{k}: {stat}"));
+    let get = |k: &str| {
+        stat[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what}.{k}: {stat}"))
+    };
     let (median, min, max) = (get("median"), get("min"), get("max"));
     assert!(min > 0.0, "{what}: {stat}");
     assert!(min <= median && median <= max, "{what}: {stat}");
