@@ -57,7 +57,7 @@ ratio_cols = [c for c in cols[1:] if ref]
 rows = ["prefill 128 tok/s", "prefill 512 tok/s", "TTFT 128 s", "decode 1 seq tok/s",
         "decode 4 seqs aggregate tok/s", "decode 16 seqs aggregate tok/s", "llama-bench tg64 tok/s"]
 fmt = lambda v: "–" if v is None else (f"{v:.3f}" if v < 1 else f"{v:.1f}" if v < 100 else f"{v:.0f}")
-head = ["", *[c[0] for c in cols], *[f"{ref[0].split()[1]} / {c[0]}" for c in ratio_cols]]
+head = ["", *[c[0] for c in cols], *[f"{ref[0]} ÷ {c[0]}" for c in ratio_cols]]
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))
 for row in rows:
@@ -80,4 +80,8 @@ for k, r in ours.items():
               f"bandwidth {roof['bandwidth_gb_per_s']:.1f} GB/s ({roof['bandwidth_threads']} threads) → roofline "
               f"{roof['roofline_tokens_per_second']:.1f} tok/s; batch-1 decode at {100 * roof['fraction_of_roofline']:.0f} % of it; "
               f"peak RSS {r['memory']['peak_rss_bytes'] / 1e9:.2f} GB")
+print("Ratios are ours ÷ peer for tok/s and peer ÷ ours for TTFT (above 1: moe-infer is faster). "
+      "moe-infer: median of the repetitions; llama.cpp: llama-bench mean (prefill, tg64) and "
+      "llama-batched-bench (decode at 1/4/16 sequences, 16-token prompts, 32 new tokens, as ours); "
+      "llama.cpp and transformers TTFT = 128 / prefill tok/s.")
 print("load average (1/5/15 min) at the start of each run: " + "; ".join(f"{k} {v}" for k, v in sorted(loads.items())))
