@@ -13,6 +13,7 @@
 #   THREADS        threads of every engine (default 2)
 #   REPS           repetitions (default 3)
 #   OUT            folder for the raw JSON (default benches/.work/compare/<UTC time>)
+#   BANDWIDTH_GB_S memory bandwidth for moe-infer's roofline instead of its probe (optional)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -36,6 +37,7 @@ for d in ${ours_dtypes//,/ }; do
   echo "$(load)" > "$out/load-ours-$d.txt"
   "$bin" bench --model "$model" --dtype "$d" --threads "$threads" --reps "$reps" \
     --prefill 128,512 --concurrency 1,4,16 --decode-tokens 32 --decode-prompt 16 \
+    ${BANDWIDTH_GB_S:+--bandwidth-gb-s "$BANDWIDTH_GB_S"} \
     --json --plot "$out/ours-$d.svg" > "$out/ours-$d.json"
 done
 echo "llama.cpp $llama_types ... (load $(load))" >&2

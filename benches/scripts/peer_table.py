@@ -53,7 +53,7 @@ cols += [(f"llama.cpp {k.upper()}", llama_row(v)) for k, v in llama.items()]
 if tf:
     cols.append((f"transformers {tf.get('dtype', 'float32')}", tf_row(tf)))
 ref = cols[0] if ours else None
-ratio_cols = [c for c in cols[1:] if ref]
+ratio_cols = [c for c in cols[1:] if ref and not c[0].startswith("moe-infer")]
 rows = ["prefill 128 tok/s", "prefill 512 tok/s", "TTFT 128 s", "decode 1 seq tok/s",
         "decode 4 seqs aggregate tok/s", "decode 16 seqs aggregate tok/s", "llama-bench tg64 tok/s"]
 fmt = lambda v: "–" if v is None else (f"{v:.3f}" if v < 1 else f"{v:.1f}" if v < 100 else f"{v:.0f}")
@@ -77,7 +77,7 @@ for k, r in ours.items():
     roof = r["roofline"]
     if roof.get("roofline_tokens_per_second"):
         print(f"moe-infer {k}: {roof['weight_bytes_per_token'] / 1e9:.3f} GB of weights per decode token, "
-              f"bandwidth {roof['bandwidth_gb_per_s']:.1f} GB/s ({roof['bandwidth_threads']} threads) → roofline "
+              f"bandwidth {roof['bandwidth_gb_per_s']:.1f} GB/s ({roof.get('bandwidth_source', 'measured')}, {roof['bandwidth_threads']} threads) → roofline "
               f"{roof['roofline_tokens_per_second']:.1f} tok/s; batch-1 decode at {100 * roof['fraction_of_roofline']:.0f} % of it; "
               f"peak RSS {r['memory']['peak_rss_bytes'] / 1e9:.2f} GB")
 print("Ratios are ours ÷ peer for tok/s and peer ÷ ours for TTFT (above 1: moe-infer is faster). "

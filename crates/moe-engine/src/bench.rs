@@ -42,6 +42,9 @@ pub struct BenchConfig {
     pub bandwidth_probe_bytes: usize,
     /// Threads of the memory-bandwidth probe.
     pub bandwidth_threads: usize,
+    /// A known memory bandwidth (GB/s) to use for the roofline instead of the probe's (on a
+    /// busy machine the probe reads low).
+    pub bandwidth_gb_per_s: Option<f64>,
 }
 
 impl Default for BenchConfig {
@@ -56,6 +59,7 @@ impl Default for BenchConfig {
             seed: 0,
             bandwidth_probe_bytes: 1 << 30,
             bandwidth_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            bandwidth_gb_per_s: None,
         }
     }
 }
@@ -141,8 +145,11 @@ pub struct MemoryReport {
 pub struct Roofline {
     /// Bytes of weights one decode token reads (see [`decode_weight_bytes_per_token`]).
     pub weight_bytes_per_token: u64,
-    /// Measured read bandwidth (GB/s, 10^9 bytes), `None` when the probe was skipped.
+    /// Read bandwidth (GB/s, 10^9 bytes) the roofline uses: the configured one, else the
+    /// probe's; `None` when neither.
     pub bandwidth_gb_per_s: Option<f64>,
+    /// Where `bandwidth_gb_per_s` came from: `measured` or `given`.
+    pub bandwidth_source: Option<String>,
     /// Threads of the bandwidth probe.
     pub bandwidth_threads: usize,
     /// `bandwidth / weight_bytes_per_token`, tokens per second.
@@ -279,7 +286,7 @@ pub fn run_bench(
         engine.model().hparams(),
         engine.model().dtype(),
     );
-    let bandwidth_gb_per_s = if config.bandwidth_probe_bytes > 0 {
+    let measured = if config.bandwidth_gb_per_s.is_none() && config.bandwidth_probe_bytes > 0 {
         progress(&format!(
             "memory bandwidth probe: {} MiB, {} thread(s)",
             config.bandwidth_probe_bytes >> 20,
@@ -291,6 +298,11 @@ pub fn run_bench(
         ))
     } else {
         None
+    };
+    let (bandwidth_gb_per_s, bandwidth_source) = match (config.bandwidth_gb_per_s, measured) {
+        (Some(given), _) => (Some(given), Some("given".to_string())),
+        (None, Some(m)) => (Some(m), Some("measured".to_string())),
+        (None, None) => (None, None),
     };
     let roofline_tokens_per_second =
         bandwidth_gb_per_s.map(|bw| bw * 1e9 / weight_bytes_per_token.max(1) as f64);
@@ -323,6 +335,7 @@ pub fn run_bench(
         roofline: Roofline {
             weight_bytes_per_token,
             bandwidth_gb_per_s,
+            bandwidth_source,
             bandwidth_threads: config.bandwidth_threads,
             roofline_tokens_per_second,
             decode_tokens_per_second,
@@ -380,9 +393,9 @@ pub fn decode_weight_bytes_per_token(
     params * dtype.size_in_bytes() as u64
 }
 
-/// Read bandwidth of main memory in GB/s (10^9 bytes): the best of three passes of `threads`
+/// Read bandwidth of main memory in GB/s (10^9 bytes): the best of eight passes of `threads`
 /// threads summing disjoint parts of a `bytes`-long buffer (make it much larger than the
-/// last-level cache).
+/// last-level cache). Wall-clock based: other processes on the cores make it read low.
 pub fn measure_bandwidth(bytes: usize, threads: usize) -> f64 {
     let threads = threads.max(1);
     let n = (bytes / 8).max(8 * threads);
@@ -390,7 +403,7 @@ pub fn measure_bandwidth(bytes: usize, threads: usize) -> f64 {
     let buffer = vec![1u64; n];
     let chunk = n.div_ceil(threads);
     let mut best = 0.0f64;
-    for _ in 0..3 {
+    for _ in 0..8 {
         let start = Instant::now();
         let sum = std::thread::scope(|s| {
             let handles: Vec<_> = buffer

@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// MiB the memory-bandwidth probe reads (0 skips it and the roofline).
     #[arg(long, default_value_t = 1024)]
     bandwidth_mib: usize,
+    /// Use this memory bandwidth (GB/s) for the roofline instead of probing it.
+    #[arg(long)]
+    bandwidth_gb_s: Option<f64>,
     /// Seed of the random prompt token ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -73,6 +76,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         bandwidth_probe_bytes: args.bandwidth_mib << 20,
         bandwidth_threads,
+        bandwidth_gb_per_s: args.bandwidth_gb_s,
     };
     let engine = args.model.load(!args.json)?;
     let quiet = args.json;
@@ -150,7 +154,10 @@ fn format_table(r: &BenchReport) -> String {
         "roofline: {:.3} GB of weights per decode token; bandwidth {}; roofline {}; batch-1 decode at {}",
         gb(roof.weight_bytes_per_token),
         roof.bandwidth_gb_per_s
-            .map_or("not measured".into(), |b| format!("{b:.1} GB/s ({} threads)", roof.bandwidth_threads)),
+            .map_or("not measured".into(), |b| match roof.bandwidth_source.as_deref() {
+                Some("measured") => format!("{b:.1} GB/s measured ({} threads)", roof.bandwidth_threads),
+                _ => format!("{b:.1} GB/s (given)"),
+            }),
         roof.roofline_tokens_per_second
             .map_or("-".into(), |t| format!("{t:.1} tok/s")),
         roof.fraction_of_roofline
