@@ -188,6 +188,9 @@ fn format_table(r: &BenchReport) -> String {
     out
 }
 
+/// Picks one statistic of a decode result (a plotted series).
+type PickStat = fn(&moe_engine::bench::DecodeResult) -> &Stat;
+
 /// An SVG line plot of aggregate and per-sequence decode tok/s (median, with min–max bars)
 /// against the number of concurrent sequences.
 fn write_plot(r: &BenchReport, path: &Path) -> Result<()> {
@@ -221,11 +224,7 @@ fn write_plot(r: &BenchReport, path: &Path) -> Result<()> {
         .y_desc("decode tok/s")
         .draw()
         .map_err(|e| plot_err(&e))?;
-    let series: [(
-        &str,
-        RGBColor,
-        fn(&moe_engine::bench::DecodeResult) -> &Stat,
-    ); 2] = [
+    let series: [(&str, RGBColor, PickStat); 2] = [
         ("aggregate", BLUE, |d| &d.aggregate_tokens_per_second),
         ("per sequence", RED, |d| &d.per_sequence_tokens_per_second),
     ];
