@@ -2,6 +2,7 @@
 moe-infer measured back to back on the same machine. Run with models/.venv/bin/python.
 
 usage: peer_transformers.py MODEL_DIR [--threads 2] [--new 200] [--prompt-len 200]
+                             [--reps 3] [--dtype float32|bfloat16|float16]
 """
 import argparse, json, os, time
 
@@ -15,9 +16,10 @@ ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--new", type=int, default=200)
 ap.add_argument("--prompt-len", type=int, default=200)
 ap.add_argument("--reps", type=int, default=3)
+ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
-model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).eval()
 vocab = model.config.vocab_size
 g = torch.Generator().manual_seed(0)
 prompt = torch.randint(2, vocab, (1, a.prompt_len), generator=g)
@@ -36,4 +38,5 @@ with torch.no_grad():
         decode.append((a.new - 1) / ((t2 - t1) - (t1 - t0)))
 med = lambda v: sorted(v)[len(v) // 2]
 print(json.dumps({"peer": "transformers " + __import__("transformers").__version__, "threads": a.threads,
+                  "dtype": a.dtype, "prompt_len": a.prompt_len, "new": a.new,
                   "prefill_tok_s": med(prefill), "decode_tok_s": med(decode)}))

@@ -26,6 +26,7 @@
 //! (that is `moe-models`) nor how files are read (`moe-loader`).
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod chat;
 pub mod device;
 pub mod engine;
@@ -35,6 +36,7 @@ pub mod request;
 pub mod sampling;
 pub mod tokenizer;
 
+pub use bench::{run_bench, BenchConfig, BenchReport};
 pub use device::{DeviceChoice, DtypeChoice};
 pub use engine::{bundled_model_dir, Engine, EngineOptions};
 pub use moe_cache::{ExpertBudget, ExpertCacheStats, LayerUsage, PolicyKind};

@@ -1,4 +1,4 @@
-//! The `moe-infer` command line: `generate`, `perplexity` and `inspect`. Parses flags into the
+//! The `moe-infer` command line: `generate`, `perplexity`, `inspect` and `bench`. Parses flags into the
 //! engine's plain request types and prints; all the work is in `moe-engine`.
 
 use std::io::Write;
@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+mod bench;
+
 use moe_engine::{
     ChatMessage, DeviceChoice, DtypeChoice, Engine, EngineOptions, ExpertBudget, GenerateRequest,
     PolicyKind, Prompt, SamplingParams,
@@ -33,6 +35,8 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Print a model's architecture, experts, parameter counts and bytes.
     Inspect(InspectArgs),
+    /// Measure prefill/decode speed, time to first token, memory and the decode roofline.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -168,6 +172,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Perplexity(args) => perplexity(args),
         Command::Inspect(args) => inspect(args),
+        Command::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

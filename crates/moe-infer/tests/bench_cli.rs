@@ -1,0 +1,114 @@
+//! `moe-infer bench`: the JSON report is filled and consistent, `--plot` writes SVG, and an
+//! expert budget adds the cache's statistics. Tiny settings on a fixture; no timing assertions.
+
+use std::process::{Command, Output};
+
+use moe_tests::fixture_dir;
+use serde_json::Value;
+
+fn bench(reps: &str, extra: &[&str]) -> Output {
+    let model = fixture_dir("qwen3_moe").display().to_string();
+    let mut args = vec![
+        "bench",
+        "--model",
+        &model,
+        "--prefill",
+        "8,16",
+        "--concurrency",
+        "1,3",
+        "--decode-tokens",
+        "3",
+        "--decode-prompt",
+        "4",
+        "--reps",
+        reps,
+        "--bandwidth-mib",
+        "8",
+    ];
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_moe-infer"))
+        .args(&args)
+        .output()
+        .expect("binary runs")
+}
+
+fn json_of(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
+}
+
+/// A `Stat` object: positive samples, min <= median <= max.
+fn check_stat(stat: &Value, what: &str) {
+    let get = |k: &str| {
+        stat[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what}.{k}: {stat}"))
+    };
+    let (median, min, max) = (get("median"), get("min"), get("max"));
+    assert!(min > 0.0, "{what}: {stat}");
+    assert!(min <= median && median <= max, "{what}: {stat}");
+    assert_eq!(stat["samples"].as_array().unwrap().len(), 3, "{what}");
+}
+
+#[test]
+fn json_report_is_filled_and_plot_is_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("decode.svg");
+    let report = json_of(&bench("3", &["--json", "--plot", plot.to_str().unwrap()]));
+    assert_eq!(report["architecture"], "Qwen3MoeForCausalLM");
+    let prefill = report["prefill"].as_array().unwrap();
+    assert_eq!(prefill.len(), 2);
+    assert_eq!(prefill[1]["prompt_tokens"], 16);
+    for p in prefill {
+        check_stat(&p["tokens_per_second"], "prefill tok/s");
+        check_stat(&p["ttft_seconds"], "ttft");
+    }
+    let decode = report["decode"].as_array().unwrap();
+    assert_eq!(decode.len(), 2);
+    assert_eq!(decode[1]["concurrency"], 3);
+    assert_eq!(decode[1]["decode_steps"], 2);
+    for d in decode {
+        check_stat(&d["aggregate_tokens_per_second"], "aggregate");
+        check_stat(&d["per_sequence_tokens_per_second"], "per sequence");
+    }
+    let roof = &report["roofline"];
+    assert!(roof["weight_bytes_per_token"].as_u64().unwrap() > 0);
+    for k in [
+        "bandwidth_gb_per_s",
+        "roofline_tokens_per_second",
+        "decode_tokens_per_second",
+        "fraction_of_roofline",
+    ] {
+        assert!(roof[k].as_f64().unwrap() > 0.0, "roofline.{k}: {roof}");
+    }
+    let peak = report["memory"]["peak_rss_bytes"].as_u64().unwrap();
+    assert!(peak >= report["memory"]["rss_after_load_bytes"].as_u64().unwrap());
+    assert!(report["expert_cache"].is_null());
+
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("the plot parses as XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    assert!(svg.contains("concurrent sequences"));
+}
+
+#[test]
+fn budget_adds_cache_stats_and_table_prints() {
+    let out = bench("1", &["--expert-budget", "50%"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    for needle in ["prefill", "decode", "roofline", "peak RSS", "hit rate"] {
+        assert!(table.contains(needle), "no {needle:?} in:\n{table}");
+    }
+    let report = json_of(&bench("3", &["--json", "--expert-budget", "50%"]));
+    let cache = &report["expert_cache"];
+    assert!(cache["lookups"].as_u64().unwrap() > 0, "{cache}");
+    assert!(cache["budget_bytes"].as_u64().unwrap() > 0);
+}
