@@ -78,6 +78,23 @@ pub struct RoutingSpec {
 }
 
 impl RoutingSpec {
+    /// A spec with every field given.
+    pub fn new(
+        n_experts: usize,
+        top_k: usize,
+        scoring: ScoringFunction,
+        renormalize: bool,
+        scaling_factor: f32,
+    ) -> Self {
+        Self {
+            n_experts,
+            top_k,
+            scoring,
+            renormalize,
+            scaling_factor,
+        }
+    }
+
     /// Top-k over the raw logits, softmax over the chosen, no scale (GPT-OSS, Granite).
     pub fn top_k_then_softmax(n_experts: usize, top_k: usize) -> Self {
         Self {

@@ -1,10 +1,13 @@
 //! `moe-infer bench`: the JSON report is filled and consistent, `--plot` writes SVG, and an
 //! expert budget adds the cache's statistics. Tiny settings on a fixture; no timing assertions.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use moe_tests::fixture_dir;
 use serde_json::Value;
+
+mod common;
+use common::{json_of, moe_infer};
 
 fn bench(reps: &str, extra: &[&str]) -> Output {
     let model = fixture_dir("qwen3_moe").display().to_string();
@@ -26,19 +29,7 @@ fn bench(reps: &str, extra: &[&str]) -> Output {
         "8",
     ];
     args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_moe-infer"))
-        .args(&args)
-        .output()
-        .expect("binary runs")
-}
-
-fn json_of(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
+    moe_infer(&args)
 }
 
 /// A `Stat` object: positive samples, min <= median <= max.

@@ -3,26 +3,13 @@
 //! and hub resolution from an offline cache.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use moe_tests::{fixture_dir, max_abs_diff, Reference};
 use serde_json::Value;
 
-fn moe_infer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe-infer"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn json_of(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
-}
+mod common;
+use common::{json_of, moe_infer};
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()

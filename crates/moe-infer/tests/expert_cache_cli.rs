@@ -1,16 +1,11 @@
 //! `--expert-budget`, `--expert-policy` and `--stats` of `moe-infer generate`.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use moe_tests::{fixture_dir, Reference};
-use serde_json::Value;
 
-fn moe_infer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe-infer"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
+mod common;
+use common::{json_of, moe_infer};
 
 fn generate(extra: &[&str]) -> Output {
     let reference = Reference::load("mixtral").unwrap();
@@ -35,15 +30,6 @@ fn generate(extra: &[&str]) -> Output {
     ];
     args.extend_from_slice(extra);
     moe_infer(&args)
-}
-
-fn json_of(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("stdout is one JSON object")
 }
 
 #[test]

@@ -522,22 +522,6 @@ fn choice_reference(logits: &Tensor, bias: Option<&Tensor>, spec: &RoutingSpec) 
 mod tests {
     use super::*;
 
-    fn spec(
-        n_experts: usize,
-        top_k: usize,
-        scoring: ScoringFunction,
-        renormalize: bool,
-        scale: f32,
-    ) -> RoutingSpec {
-        RoutingSpec {
-            n_experts,
-            top_k,
-            scoring,
-            renormalize,
-            scaling_factor: scale,
-        }
-    }
-
     fn random_logits(n_tokens: usize, n_experts: usize, seed: u64) -> Tensor {
         let mut state = seed
             .wrapping_mul(6364136223846793005)
@@ -560,7 +544,7 @@ mod tests {
             for scoring in [ScoringFunction::Softmax, ScoringFunction::TopKThenSoftmax] {
                 for (renorm, scale) in [(false, 1.0), (true, 1.0), (false, 2.5)] {
                     let logits = random_logits(n_tokens, n_experts, seed as u64);
-                    let s = spec(n_experts, k, scoring, renorm, scale);
+                    let s = RoutingSpec::new(n_experts, k, scoring, renorm, scale);
                     let fast = route(&logits, &s).unwrap();
                     let slow = route_reference(&logits, &s).unwrap();
                     // Scale 1.0: an absolute 1e-6 bound even when the factor is 2.5.
@@ -573,7 +557,11 @@ mod tests {
     #[test]
     fn renormalised_weights_sum_to_scale() {
         let logits = random_logits(9, 8, 7);
-        let routing = route(&logits, &spec(8, 3, ScoringFunction::Softmax, true, 2.0)).unwrap();
+        let routing = route(
+            &logits,
+            &RoutingSpec::new(8, 3, ScoringFunction::Softmax, true, 2.0),
+        )
+        .unwrap();
         for row in routing.weights.to_vec2::<f32>().unwrap() {
             assert!((row.iter().sum::<f32>() - 2.0).abs() < 1e-5);
         }
@@ -582,7 +570,11 @@ mod tests {
     #[test]
     fn rejects_top_k_above_expert_count() {
         let logits = random_logits(2, 4, 1);
-        assert!(route(&logits, &spec(4, 5, ScoringFunction::Softmax, false, 1.0)).is_err());
+        assert!(route(
+            &logits,
+            &RoutingSpec::new(4, 5, ScoringFunction::Softmax, false, 1.0)
+        )
+        .is_err());
     }
 
     #[test]
@@ -595,7 +587,7 @@ mod tests {
                     let logits = random_logits(n_tokens, n_experts, 100 + seed as u64)
                         .affine(spread / 8.0, 0.25 * spread)
                         .unwrap();
-                    let s = spec(
+                    let s = RoutingSpec::new(
                         n_experts,
                         2,
                         ScoringFunction::SparseMixer { jitter_eps },
@@ -617,7 +609,7 @@ mod tests {
         // logits within 2 % of it (4, 3.95); the second (3.95) keeps 3.95 and 3.9 (expert 0
         // is removed), 3.9 being 1.3 % below.
         let logits = Tensor::new(&[[3.9f32, 1.0, 4.0, -5.0, 3.95]], &Device::Cpu).unwrap();
-        let s = spec(
+        let s = RoutingSpec::new(
             5,
             2,
             ScoringFunction::SparseMixer { jitter_eps: 0.01 },
@@ -638,7 +630,7 @@ mod tests {
     #[test]
     fn sparsemixer_rejects_top_k_other_than_two() {
         let logits = random_logits(2, 8, 3);
-        let s = spec(
+        let s = RoutingSpec::new(
             8,
             3,
             ScoringFunction::SparseMixer { jitter_eps: 0.01 },
@@ -732,7 +724,7 @@ mod tests {
             let logits = random_logits(n_tokens, n_experts, seed as u64);
             let bias = random_bias(n_experts, seed as u64);
             for (renorm, scale) in [(false, 1.0), (true, 1.0), (true, 2.5), (false, 16.0)] {
-                let s = spec(n_experts, k, scoring, renorm, scale);
+                let s = RoutingSpec::new(n_experts, k, scoring, renorm, scale);
                 for bias in [None, Some(&bias)] {
                     let what = format!(
                         "{scoring:?} {n_tokens}x{n_experts} k{k} bias {}",
@@ -756,14 +748,14 @@ mod tests {
             topk_group: 1,
             group_score,
         };
-        let sum2 = spec(
+        let sum2 = RoutingSpec::new(
             4,
             1,
             ScoringFunction::SigmoidGroupLimited(limit(GroupScore::SumTop2)),
             false,
             1.0,
         );
-        let max = spec(
+        let max = RoutingSpec::new(
             4,
             1,
             ScoringFunction::SoftmaxGroupLimited(limit(GroupScore::Max)),
@@ -784,7 +776,7 @@ mod tests {
     fn correction_bias_changes_the_choice_not_the_weights() {
         let logits = Tensor::new(&[[1.0f32, 0.9, -2.0]], &Device::Cpu).unwrap();
         let bias = Tensor::new(&[0.0f32, 0.5, 0.0], &Device::Cpu).unwrap();
-        let s = spec(3, 1, ScoringFunction::Sigmoid, false, 1.0);
+        let s = RoutingSpec::new(3, 1, ScoringFunction::Sigmoid, false, 1.0);
         let plain = route(&logits, &s).unwrap();
         assert_eq!(plain.expert_ids.to_vec2::<u32>().unwrap(), [[0]]);
         for routing in [
@@ -807,16 +799,16 @@ mod tests {
                 topk_group,
                 group_score: GroupScore::SumTop2,
             };
-            spec(8, k, ScoringFunction::SigmoidGroupLimited(limit), true, 1.0)
+            RoutingSpec::new(8, k, ScoringFunction::SigmoidGroupLimited(limit), true, 1.0)
         };
         assert!(route(&logits, &limited(3, 1, 2)).is_err()); // unequal groups
         assert!(route(&logits, &limited(4, 1, 3)).is_err()); // 2 experts kept, 3 wanted
         assert!(route(&logits, &limited(8, 8, 2)).is_err()); // top-2 of 1-expert groups
         assert!(route(&logits, &limited(4, 2, 4)).is_ok());
-        let s = spec(8, 2, ScoringFunction::Sigmoid, false, 1.0);
+        let s = RoutingSpec::new(8, 2, ScoringFunction::Sigmoid, false, 1.0);
         let short = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
         assert!(route_with_bias(&logits, Some(&short), &s).is_err());
-        let mixer = spec(8, 2, ScoringFunction::TopKThenSoftmax, false, 1.0);
+        let mixer = RoutingSpec::new(8, 2, ScoringFunction::TopKThenSoftmax, false, 1.0);
         let bias = Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap();
         assert!(route_with_bias(&logits, Some(&bias), &mixer).is_err());
     }

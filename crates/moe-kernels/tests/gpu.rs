@@ -33,13 +33,7 @@ fn spec(
     scoring: ScoringFunction,
     renormalize: bool,
 ) -> RoutingSpec {
-    RoutingSpec {
-        n_experts,
-        top_k,
-        scoring,
-        renormalize,
-        scaling_factor: 1.5,
-    }
+    RoutingSpec::new(n_experts, top_k, scoring, renormalize, 1.5)
 }
 
 #[test]

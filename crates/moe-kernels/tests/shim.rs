@@ -335,56 +335,88 @@ fn limit(n_group: usize, topk_group: usize, group_score: GroupScore) -> GroupLim
     }
 }
 
-fn spec(
-    n_experts: usize,
-    top_k: usize,
-    scoring: ScoringFunction,
-    renormalize: bool,
-    scale: f32,
-) -> RoutingSpec {
-    RoutingSpec {
-        n_experts,
-        top_k,
-        scoring,
-        renormalize,
-        scaling_factor: scale,
-    }
-}
-
 #[test]
 fn topk_kernel_matches_the_cpu_router() {
     let mut rng = Rng::new("topk");
     use ScoringFunction::*;
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         // one token; tokens >> experts; experts not a multiple of the warp; top_k = n_experts
-        topk_case(&mut rng, 1, &spec(8, 2, Softmax, true, 1.0), false, dtype);
         topk_case(
             &mut rng,
-            37,
-            &spec(60, 4, Softmax, false, 1.0),
+            1,
+            &RoutingSpec::new(8, 2, Softmax, true, 1.0),
             false,
             dtype,
         );
-        topk_case(&mut rng, 9, &spec(7, 7, Softmax, true, 1.0), false, dtype);
-        topk_case(&mut rng, 3, &spec(1, 1, Softmax, false, 1.0), false, dtype);
-        topk_case(&mut rng, 5, &spec(256, 8, Softmax, true, 1.0), false, dtype);
+        topk_case(
+            &mut rng,
+            37,
+            &RoutingSpec::new(60, 4, Softmax, false, 1.0),
+            false,
+            dtype,
+        );
+        topk_case(
+            &mut rng,
+            9,
+            &RoutingSpec::new(7, 7, Softmax, true, 1.0),
+            false,
+            dtype,
+        );
+        topk_case(
+            &mut rng,
+            3,
+            &RoutingSpec::new(1, 1, Softmax, false, 1.0),
+            false,
+            dtype,
+        );
+        topk_case(
+            &mut rng,
+            5,
+            &RoutingSpec::new(256, 8, Softmax, true, 1.0),
+            false,
+            dtype,
+        );
         // GPT-OSS / Granite: top-k of the logits, softmax over the chosen
         topk_case(
             &mut rng,
             11,
-            &spec(32, 4, TopKThenSoftmax, false, 1.0),
+            &RoutingSpec::new(32, 4, TopKThenSoftmax, false, 1.0),
             false,
             dtype,
         );
         // DeepSeek-V3: sigmoid + correction bias + group limit (sum of top-2), scaled
         let v3 = SigmoidGroupLimited(limit(8, 4, GroupScore::SumTop2));
-        topk_case(&mut rng, 13, &spec(64, 8, v3, true, 2.5), true, dtype);
-        topk_case(&mut rng, 4, &spec(16, 3, Sigmoid, true, 1.0), true, dtype);
+        topk_case(
+            &mut rng,
+            13,
+            &RoutingSpec::new(64, 8, v3, true, 2.5),
+            true,
+            dtype,
+        );
+        topk_case(
+            &mut rng,
+            4,
+            &RoutingSpec::new(16, 3, Sigmoid, true, 1.0),
+            true,
+            dtype,
+        );
         // DeepSeek-V2: softmax, group-limited by the group max
         let v2 = SoftmaxGroupLimited(limit(4, 2, GroupScore::Max));
-        topk_case(&mut rng, 6, &spec(24, 6, v2, false, 16.0), false, dtype);
+        topk_case(
+            &mut rng,
+            6,
+            &RoutingSpec::new(24, 6, v2, false, 16.0),
+            false,
+            dtype,
+        );
         // softmax with a bias
-        topk_case(&mut rng, 3, &spec(10, 2, Softmax, true, 1.0), true, dtype);
+        topk_case(
+            &mut rng,
+            3,
+            &RoutingSpec::new(10, 2, Softmax, true, 1.0),
+            true,
+            dtype,
+        );
     }
 }
 
