@@ -536,3 +536,37 @@ fn device_tier_over_host_tier() {
         assert!(u.evictions > 0 && h.hits > 0, "{policy}: both tiers work");
     }
 }
+
+/// bf16 with the fast CPU kernels: under a budget the MoE block computes its experts in waves
+/// (one at a time) that add up in f32, so the tokens equal the resident run's exactly. (The
+/// resident bf16 run itself is held to transformers by tests/parity_fast.rs.)
+#[test]
+fn bf16_budgets_generate_the_resident_tokens() {
+    for name in ["mixtral-bf16", "qwen3_moe-bf16"] {
+        let load = |budget: Option<ExpertBudget>, policy| {
+            Engine::load(&EngineOptions {
+                model: Some(fixture_dir(name).display().to_string()),
+                dtype: moe_engine::DtypeChoice::Bf16,
+                expert_budget: budget,
+                expert_policy: policy,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let reference = Reference::load(name).unwrap();
+        let resident = load(None, PolicyKind::Lru);
+        for p in &reference.prompts {
+            let want = greedy(&resident, &p.input_ids, 12);
+            for policy in [PolicyKind::Lru, PolicyKind::Prefetch] {
+                for percent in [25.0, 50.0] {
+                    let cached = load(Some(ExpertBudget::Percent(percent)), policy);
+                    assert_eq!(
+                        greedy(&cached, &p.input_ids, 12),
+                        want,
+                        "{name} {policy:?} {percent}%"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -3,11 +3,11 @@
 # --ignore-eos --json) on one model for budgets 25/50/100 % of the routed-expert bytes × policies
 # lru, lfu-decay, prefetch, plus the fully-resident run; prints one table row per run.
 # usage: [BUDGETS="25 50 100"] benches/scripts/expert_cache_sweep.sh [MODEL_DIR] [NEW_TOKENS]
-#   default: /work/bench-models/qwen3-moe-bench (see shared/bench-model.md), 32 new tokens.
+#   default: bench-models/qwen3-moe-bench (made by benches/scripts/make_bench_model.sh), 32 new tokens.
 # Build first: cargo build --release -p moe-infer. Timings vary with machine load (printed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-MODEL=${1:-/work/bench-models/qwen3-moe-bench}
+MODEL=${1:-bench-models/qwen3-moe-bench}
 NEW=${2:-32}
 BUDGETS=${BUDGETS:-25 50 100}
 BIN=${MOE_INFER:-target/release/moe-infer}

@@ -4,7 +4,7 @@
 # Hugging Face model to GGUF with that tree's converter, and measures it.
 #
 #   benches/scripts/peer_llamacpp.sh build                  # ~5-6 CPU-minutes, once
-#   benches/scripts/peer_llamacpp.sh convert MODEL_DIR      # MODEL_DIR/gguf/{bf16,f16,q8_0}.gguf
+#   benches/scripts/peer_llamacpp.sh convert MODEL_DIR [TYPES] # MODEL_DIR/gguf/{bf16,f16,q8_0}.gguf
 #   benches/scripts/peer_llamacpp.sh run MODEL_DIR [TYPES]  # TYPES: comma list, default bf16,f16,q8_0
 #   benches/scripts/peer_llamacpp.sh all MODEL_DIR          # build + convert + run
 #
@@ -45,14 +45,14 @@ build() {
 }
 
 convert() {
-  local model="$1" out="$1/gguf"
+  local model="$1" out="$1/gguf" types="${2:-bf16,f16,q8_0}"
   [[ -f "$tree/convert_hf_to_gguf.py" ]] || build
   "$root/models/setup_venv.sh" >/dev/null
   local py="$root/models/.venv/bin/python"
   "$py" -c "import gguf" 2>/dev/null || "$py" -m pip install -q --disable-pip-version-check \
     "$tree/gguf-py" sentencepiece protobuf
   mkdir -p "$out"
-  for t in bf16 f16 q8_0; do
+  for t in ${types//,/ }; do
     [[ -f "$out/$t.gguf" ]] && continue
     # The fixtures' tokenizer has a pre-tokenizer hash the converter does not know: gpt-2.
     "$py" - "$tree" "$model" "$out/$t.gguf.part" "$t" <<'PY'
@@ -75,7 +75,7 @@ PY
 run() {
   local model="$1" types="${2:-bf16,f16,q8_0}"
   build >&2
-  convert "$model" >&2
+  convert "$model" "$types" >&2
   local t
   for t in ${types//,/ }; do
     local gguf="$model/gguf/$t.gguf"
@@ -111,7 +111,7 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
   build) build ;;
-  convert) convert "${1:?MODEL_DIR}" ;;
+  convert) convert "${1:?MODEL_DIR}" "${2:-}" ;;
   run) run "${1:?MODEL_DIR}" "${2:-}" ;;
   all) build; convert "${1:?MODEL_DIR}"; run "${1:?MODEL_DIR}" "${2:-}" ;;
   *) sed -n '2,16p' "$0"; exit 2 ;;

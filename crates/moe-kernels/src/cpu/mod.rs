@@ -30,5 +30,5 @@ pub use gemm::{has_avx2_fma, matmul_nt_cols, matmul_nt_into, Sink, StoreSink};
 pub use moe_ffn::{grouped_expert_ffn, ExpertSlices};
 pub use numerics::{numerics, set_numerics, Numerics};
 pub use shared::SharedMut;
-pub use tensors::{fast_grouped_experts, fast_matmul_nt};
+pub use tensors::{fast_grouped_experts, fast_grouped_experts_in_waves, fast_matmul_nt};
 pub use weights::WeightElem;

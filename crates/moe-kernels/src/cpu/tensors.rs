@@ -125,23 +125,78 @@ pub fn fast_grouped_experts<E: Borrow<ExpertWeights>>(
     experts: &[E],
     activation: ExpertActivation,
 ) -> Result<Option<Tensor>> {
-    if !matches!(x.device(), Device::Cpu) || experts.is_empty() {
-        return Ok(None);
-    }
-    match experts[0].borrow().gate.dtype() {
-        DType::BF16 => grouped_typed::<bf16, E>(x, groups, experts, activation),
-        DType::F32 => grouped_typed::<f32, E>(x, groups, experts, activation),
-        _ => Ok(None),
-    }
+    let active: Vec<usize> = groups.active_experts().collect();
+    let mut remaining = experts.iter();
+    fast_grouped_experts_in_waves(x, groups, &active, active.len(), activation, |_| {
+        Ok(remaining
+            .next()
+            .expect("one weight set per active expert")
+            .borrow())
+    })
 }
 
-fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
+/// [`fast_grouped_experts`] for an expert store that lets a caller hold only `wave` experts
+/// at a time (a budgeted expert cache): the active experts (`active`, increasing ids) are
+/// fetched with `fetch` and computed `wave` at a time, every wave adding into one f32 output
+/// that is rounded to `x`'s dtype once at the end — the same sums, in the same expert order,
+/// as one call with every expert. A wave's weights are dropped before the next is fetched.
+pub fn fast_grouped_experts_in_waves<W: Borrow<ExpertWeights>>(
     x: &Tensor,
+    groups: &ExpertGroups,
+    active: &[usize],
+    wave: usize,
+    activation: ExpertActivation,
+    mut fetch: impl FnMut(usize) -> Result<W>,
+) -> Result<Option<Tensor>> {
+    if !matches!(x.device(), Device::Cpu) || active.is_empty() {
+        return Ok(None);
+    }
+    let (n_tokens, hidden) = x.dims2()?;
+    let xv = to_f32_vec(x)?;
+    let mut out = vec![0f32; n_tokens * hidden];
+    for experts in active.chunks(wave.max(1)) {
+        let weights = experts
+            .iter()
+            .map(|&e| fetch(e))
+            .collect::<Result<Vec<_>>>()?;
+        let wave_groups;
+        let groups = if experts.len() == active.len() {
+            groups
+        } else {
+            wave_groups = groups.restricted_to(experts[0]..experts[experts.len() - 1] + 1);
+            &wave_groups
+        };
+        let applied = match weights[0].borrow().gate.dtype() {
+            DType::BF16 => {
+                grouped_typed::<bf16, W>(&xv, hidden, groups, &weights, activation, &mut out)?
+            }
+            DType::F32 => {
+                grouped_typed::<f32, W>(&xv, hidden, groups, &weights, activation, &mut out)?
+            }
+            _ => false,
+        };
+        if !applied {
+            return Ok(None);
+        }
+    }
+    Ok(Some(from_f32_vec(
+        out,
+        &[n_tokens, hidden],
+        x.dtype(),
+        x.device(),
+    )?))
+}
+
+/// Adds the weighted outputs of `experts` (the active experts of `groups`) into `out`; false
+/// when their weights are not contiguous CPU tensors of `W` with the expected sizes.
+fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
+    xv: &[f32],
+    hidden: usize,
     groups: &ExpertGroups,
     experts: &[E],
     activation: ExpertActivation,
-) -> Result<Option<Tensor>> {
-    let (n_tokens, hidden) = x.dims2()?;
+    out: &mut [f32],
+) -> Result<bool> {
     let experts: Vec<&ExpertWeights> = experts.iter().map(|e| e.borrow()).collect();
     let intermediate = experts[0].gate.dim(0)?;
     let bias = |b: &Option<Tensor>| b.as_ref().map(to_f32_vec).transpose();
@@ -157,11 +212,11 @@ fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
     for (g, b) in guards.iter().zip(&biases) {
         let [gate, up, down] = [0, 1, 2].map(|i| slice_of::<W>(&g[i].0, g[i].1));
         let (Some(gate), Some(up), Some(down)) = (gate, up, down) else {
-            return Ok(None);
+            return Ok(false);
         };
         if gate.len() != intermediate * hidden || up.len() != gate.len() || down.len() != gate.len()
         {
-            return Ok(None);
+            return Ok(false);
         }
         slices.push(ExpertSlices {
             gate,
@@ -172,23 +227,6 @@ fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
             down_bias: b.2.as_deref(),
         });
     }
-    let xv = to_f32_vec(x)?;
-    let mut out = vec![0f32; n_tokens * hidden];
-    grouped_expert_ffn(
-        &xv,
-        hidden,
-        intermediate,
-        groups,
-        &slices,
-        activation,
-        &mut out,
-    );
-    drop(slices);
-    drop(guards);
-    Ok(Some(from_f32_vec(
-        out,
-        &[n_tokens, hidden],
-        x.dtype(),
-        x.device(),
-    )?))
+    grouped_expert_ffn(xv, hidden, intermediate, groups, &slices, activation, out);
+    Ok(true)
 }

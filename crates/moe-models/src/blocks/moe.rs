@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use moe_core::{ExpertKey, Result, Routing, RoutingSpec};
-use moe_kernels::cpu::{fast_grouped_experts, numerics, Numerics};
+use moe_kernels::cpu::{fast_grouped_experts_in_waves, numerics, Numerics};
 use moe_kernels::{
     combine, expert_ffn, fused, ExpertActivation, ExpertGroups, MoeExperts, StackedExperts,
 };
@@ -116,7 +116,7 @@ impl SparseMoeBlock {
         Ok(y)
     }
 
-    /// The routed experts with the grouped CPU kernel ([`fast_grouped_experts`]): gate and up
+    /// The routed experts with the grouped CPU kernel ([`fast_grouped_experts_in_waves`]): gate and up
     /// fused with the activation, the down projection accumulated into the output rows.
     /// `None` when it does not apply (torch-exact numerics, not the CPU, other dtypes).
     fn routed_fast(
@@ -129,43 +129,21 @@ impl SparseMoeBlock {
             return Ok(None);
         }
         // A budgeted expert cache lets a caller hold only so many experts at once: the layer
-        // then runs in waves of consecutive active experts, each wave's outputs added up.
-        let wave = self
-            .experts
-            .max_held_experts()
-            .unwrap_or(active.len())
-            .max(1);
-        let mut y: Option<Tensor> = None;
-        for experts in active.chunks(wave) {
-            let weights = experts
-                .iter()
-                .map(|&expert| {
-                    self.experts.expert(ExpertKey {
-                        layer: self.layer,
-                        expert,
-                    })
+        // then runs in waves of consecutive active experts, summed in f32.
+        let wave = self.experts.max_held_experts().unwrap_or(active.len());
+        let y =
+            fast_grouped_experts_in_waves(x, groups, active, wave, self.activation, |expert| {
+                self.experts.expert(ExpertKey {
+                    layer: self.layer,
+                    expert,
                 })
-                .collect::<Result<Vec<_>>>()?;
-            let wave_groups;
-            let groups = if experts.len() == active.len() {
-                groups
-            } else {
-                wave_groups = groups.restricted_to(experts[0]..experts[experts.len() - 1] + 1);
-                &wave_groups
-            };
-            let Some(part) = fast_grouped_experts(x, groups, &weights, self.activation)? else {
-                static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| {
-                    eprintln!(
-                        "moe-models: experts stored as {:?}: no grouped CPU kernel, using the per-expert candle path",
-                        weights[0].gate.dtype()
-                    )
-                });
-                return Ok(None);
-            };
-            y = Some(match y {
-                Some(y) => (y + part)?,
-                None => part,
+            })?;
+        if y.is_none() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!(
+                    "moe-models: routed experts not stored as contiguous bf16/f32: no grouped CPU kernel, using the per-expert candle path"
+                )
             });
         }
         Ok(y)
