@@ -6,8 +6,8 @@
 use candle_core::{DType, Device, Tensor};
 use moe_core::Routing;
 use moe_models::{
-    load_decoder, DecoderModel, ForwardContext, LoadOptions, LogitsWanted, RoutingObserver,
-    SequenceInput,
+    load_decoder, DecoderModel, ForwardContext, KvCache, LoadOptions, LogitsWanted,
+    RoutingObserver, SequenceInput,
 };
 
 use crate::{argmax, fixture_dir, max_abs_diff, Reference};
@@ -179,18 +179,7 @@ pub fn check_fixture(name: &str, tol: Tolerance) {
         .map(|&i| reference.prompts[i].input_ids.as_slice())
         .collect();
     let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut batch: Vec<SequenceInput> = prompts
-        .iter()
-        .zip(caches.iter_mut())
-        .map(|(p, c)| SequenceInput {
-            tokens: p,
-            cache: c,
-            logits: LogitsWanted::Last,
-        })
-        .collect();
-    let logits = model
-        .forward(&mut batch, ForwardContext::default())
-        .unwrap();
+    let logits = batched_step(&model, &prompts, &mut caches);
     for (row, l) in logits.iter().enumerate() {
         let l = l.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let err = max_abs_diff(&l, &reference.batched.logits_last[row]);
@@ -207,18 +196,8 @@ pub fn check_fixture(name: &str, tol: Tolerance) {
         .collect();
     let mut generated: Vec<Vec<u32>> = next.clone();
     for _ in 1..reference.batched.greedy_new_tokens[0].len() {
-        let mut batch: Vec<SequenceInput> = next
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(t, c)| SequenceInput {
-                tokens: t,
-                cache: c,
-                logits: LogitsWanted::Last,
-            })
-            .collect();
-        let logits = model
-            .forward(&mut batch, ForwardContext::default())
-            .unwrap();
+        let tokens: Vec<&[u32]> = next.iter().map(Vec::as_slice).collect();
+        let logits = batched_step(&model, &tokens, &mut caches);
         next = logits
             .iter()
             .map(|l| vec![argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap())])
@@ -233,4 +212,20 @@ pub fn check_fixture(name: &str, tol: Tolerance) {
             "{name}: batched greedy tokens"
         );
     }
+}
+
+/// One forward call over several sequences, each with its own cache; last-position logits.
+fn batched_step(model: &DecoderModel, tokens: &[&[u32]], caches: &mut [KvCache]) -> Vec<Tensor> {
+    let mut batch: Vec<SequenceInput> = tokens
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(t, c)| SequenceInput {
+            tokens: t,
+            cache: c,
+            logits: LogitsWanted::Last,
+        })
+        .collect();
+    model
+        .forward(&mut batch, ForwardContext::default())
+        .unwrap()
 }

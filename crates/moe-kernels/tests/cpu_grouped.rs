@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::Rng;
+use common::{values, Rng};
 use moe_kernels::cpu::{fast_grouped_experts, fast_grouped_experts_in_waves};
 use moe_kernels::{combine, expert_ffn_reference, ExpertActivation, ExpertGroups, ExpertWeights};
 
@@ -42,15 +42,6 @@ fn groups(rng: &mut Rng, c: &Case) -> ExpertGroups {
     let ids = rng.routing(c.n_tokens, c.top_k, c.n_experts);
     let weights: Vec<f32> = (0..ids.len()).map(|_| rng.uniform().abs() + 0.05).collect();
     ExpertGroups::from_slices(&ids, &weights, c.top_k, c.n_experts).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn reference(x: &Tensor, g: &ExpertGroups, w: &[ExpertWeights], act: ExpertActivation) -> Tensor {

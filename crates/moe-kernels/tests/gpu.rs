@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::Rng;
+use common::{values, Rng};
 use moe_core::{GroupLimit, GroupScore, RoutingSpec, ScoringFunction};
 use moe_kernels::fused::{self, DECODE_MAX_TOKENS};
 use moe_kernels::{ExpertActivation, MoeExperts, StackedExperts};
@@ -193,15 +193,7 @@ fn expert_kernels_on_the_gpu_match_the_cpu_pipeline() {
                 .forward(&on_gpu(&x), &on_gpu(&ids), &on_gpu(&weights))
                 .unwrap();
 
-            let v = |t: &Tensor| -> Vec<f32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
-            let (g, wv) = (v(&got), v(&want));
+            let (g, wv) = (values(&got), values(&want));
             let scale = wv.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
             let err = g
                 .iter()

@@ -1,4 +1,4 @@
-//! Test helpers shared by the kernel test targets: a seeded random source.
+//! Test helpers shared by the kernel test targets: a seeded random source, tensor values.
 #![allow(dead_code)]
 
 /// xorshift64*; seeded from the clock unless MOE_TEST_SEED is set.
@@ -54,4 +54,14 @@ impl Rng {
         }
         p
     }
+}
+
+/// A tensor's values as f32, flattened.
+pub fn values(t: &candle_core::Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
