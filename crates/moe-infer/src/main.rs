@@ -63,10 +63,17 @@ struct ModelArgs {
     /// GPU tier.
     #[arg(long)]
     host_budget: Option<String>,
+    /// CPU numerics: fast (AVX2 kernels, bf16 close to transformers) or torch-exact (bf16
+    /// bit-for-bit as transformers on the CPU, slower). Default: fast, or MOE_NUMERICS.
+    #[arg(long)]
+    numerics: Option<String>,
 }
 
 impl ModelArgs {
     fn load(&self, show_progress: bool) -> Result<Engine> {
+        if let Some(numerics) = &self.numerics {
+            moe_kernels::cpu::set_numerics(numerics.parse::<moe_kernels::cpu::Numerics>()?);
+        }
         let options = EngineOptions {
             model: self.model.clone(),
             device: self.device.parse::<DeviceChoice>()?,

@@ -480,6 +480,10 @@ fn unknown_device_and_dtype() {
     let dir = Path::new(FIXTURES).join("mixtral");
     assert_error(&generate(&dir, &["--device", "tpu"]), &["`tpu`", "cpu"]);
     assert_error(&generate(&dir, &["--dtype", "f8"]), &["`f8`", "bf16"]);
+    assert_error(
+        &generate(&dir, &["--numerics", "quick"]),
+        &["quick", "torch-exact"],
+    );
 }
 
 #[test]

@@ -317,3 +317,46 @@ fn hub_id_resolves_from_the_offline_cache() {
         "{stderr}"
     );
 }
+
+/// `--numerics torch-exact` reproduces transformers' bf16 logits bit for bit; the default fast
+/// kernels stay within the tolerance tests/parity_fast.rs states (0.1).
+#[test]
+fn numerics_flag_selects_the_bf16_kernels() {
+    let reference = Reference::load("mixtral-bf16").unwrap();
+    let prompt = &reference.prompts[0];
+    let token_ids: Vec<String> = prompt.input_ids.iter().map(u32::to_string).collect();
+    let dir = temp_dir("numerics");
+    for (numerics, tolerance) in [("torch-exact", 0.0), ("fast", 0.1)] {
+        let path = dir.join(format!("{numerics}.safetensors"));
+        let out = moe_infer(&[
+            "perplexity",
+            "--model",
+            fixture_dir("mixtral-bf16").to_str().unwrap(),
+            "--dtype",
+            "bf16",
+            "--numerics",
+            numerics,
+            "--token-ids",
+            &token_ids.join(","),
+            "--dump-logits",
+            path.to_str().unwrap(),
+            "--json",
+        ]);
+        json_of(&out);
+        let bytes = std::fs::read(&path).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let values: Vec<f32> = file
+            .tensor("logits")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let first = max_abs_diff(&values[..512], &prompt.logits_first);
+        let last = max_abs_diff(&values[values.len() - 512..], &prompt.logits_last);
+        assert!(
+            first <= tolerance && last <= tolerance,
+            "{numerics}: |Δlogit| first {first}, last {last} > {tolerance}"
+        );
+    }
+}

@@ -44,3 +44,37 @@ pub fn set_numerics(mode: Numerics) {
     };
     MODE.store(v, Ordering::Relaxed);
 }
+
+impl std::str::FromStr for Numerics {
+    type Err = moe_core::Error;
+
+    /// `fast` or `torch-exact` (also `exact`), as `--numerics` and `MOE_NUMERICS` spell them.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fast" => Ok(Self::Fast),
+            "torch-exact" | "exact" => Ok(Self::TorchExact),
+            other => Err(moe_core::Error::InvalidRequest(format!(
+                "unknown numerics '{other}': expected fast or torch-exact"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_flag_spellings() {
+        assert_eq!("fast".parse::<Numerics>().unwrap(), Numerics::Fast);
+        assert_eq!(
+            "torch-exact".parse::<Numerics>().unwrap(),
+            Numerics::TorchExact
+        );
+        assert!("quick"
+            .parse::<Numerics>()
+            .unwrap_err()
+            .to_string()
+            .contains("torch-exact"));
+    }
+}
