@@ -10,12 +10,15 @@ pub mod combine;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_pool;
 pub mod expert_ffn;
 pub mod fused;
 pub mod grouping;
 pub mod matmul;
 pub mod rms_norm;
 pub mod routing;
+pub mod slot_pool;
 pub mod softmax;
 
 pub use align::{align_capacity, AlignedGroups};
@@ -26,4 +29,5 @@ pub use grouping::ExpertGroups;
 pub use matmul::{matmul_nn, matmul_nt, SumOrder};
 pub use rms_norm::rms_norm;
 pub use routing::{route, route_reference, route_reference_with_bias, route_with_bias};
+pub use slot_pool::{PoolFull, SlotTable};
 pub use softmax::softmax_last_dim;

@@ -213,3 +213,89 @@ fn expert_kernels_on_the_gpu_match_the_cpu_pipeline() {
         }
     }
 }
+
+/// The device expert pool: uploads on the copy stream land in the right slots (read back on
+/// the compute stream after `wait_on_compute`), slots are reused LRU once released, and a
+/// step needing more slots than the pool has fails. Compiled, never run on a GPU yet.
+#[cfg(feature = "cuda")]
+#[test]
+fn device_expert_pool_uploads_into_slots() {
+    use moe_kernels::cuda_pool::{DeviceExpertPool, ExpertDims};
+    use moe_kernels::ExpertWeights;
+    let Some(gpu) = gpu("expert pool") else {
+        return;
+    };
+    let Device::Cuda(dev) = &gpu else {
+        unreachable!()
+    };
+    let (hidden, intermediate) = (24, 40);
+    let dims = ExpertDims {
+        hidden,
+        intermediate,
+        biases: false,
+    };
+    let expert = |e: usize| -> ExpertWeights {
+        let base = e as f32 * 1000.0;
+        let t = |r, c, off: f32| {
+            Tensor::arange(0u32, (r * c) as u32, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .affine(1.0, (base + off) as f64)
+                .unwrap()
+                .reshape((r, c))
+                .unwrap()
+        };
+        ExpertWeights::new(
+            t(intermediate, hidden, 0.0),
+            t(intermediate, hidden, 0.25),
+            t(hidden, intermediate, 0.5),
+        )
+    };
+    let mut pool = DeviceExpertPool::<usize, f32>::new(dev, dims, 3, 2).unwrap();
+    let slots: Vec<usize> = [5, 9, 2]
+        .iter()
+        .map(|&e| pool.pin(e, || Ok(expert(e))).unwrap())
+        .collect();
+    assert!(pool.pin(7, || Ok(expert(7))).is_err(), "all 3 slots pinned");
+    pool.wait_on_compute(&slots).unwrap();
+    let stacked = pool.stacked(vec![0; 16]);
+    for (&e, &slot) in [5, 9, 2].iter().zip(&slots) {
+        let want = expert(e);
+        for (got, want) in [
+            (&stacked.gate, &want.gate),
+            (&stacked.up, &want.up),
+            (&stacked.down, &want.down),
+        ] {
+            let got: Vec<f32> = got
+                .get(slot)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, want, "expert {e} in slot {slot}");
+        }
+    }
+    pool.release(&[5, 9, 2]).unwrap();
+    // a hit does not call the loader; a miss takes the least recently used slot (expert 5's)
+    assert_eq!(
+        pool.pin(9, || panic!("expert 9 is resident")).unwrap(),
+        slots[1]
+    );
+    let s7 = pool.pin(7, || Ok(expert(7))).unwrap();
+    assert_eq!(s7, slots[0]);
+    pool.wait_on_compute(&[s7]).unwrap();
+    let got: Vec<f32> = pool
+        .stacked(vec![0; 16])
+        .down
+        .get(s7)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<f32> = expert(7).down.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got, want);
+}

@@ -176,7 +176,7 @@ impl SparseMoeBlock {
         ONCE.call_once(|| {
             eprintln!(
                 "moe-models: on CUDA the active experts are stacked into a temporary pool every \
-                 step (the expert cache has no device pool yet)"
+                 step (moe_kernels::cuda_pool is not wired in yet)"
             )
         });
         let weights = active
