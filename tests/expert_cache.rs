@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use moe_cache::{ExpertBudget, PolicyKind, TieredExpertsBuilder};
+use moe_cache::{ExpertBudget, PolicyKind, TierCosts, TieredExpertsBuilder};
 use moe_core::Routing;
 use moe_engine::{
     Engine, EngineOptions, ExpertCacheStats, GenerateRequest, Prompt, SamplingParams,
@@ -56,7 +56,11 @@ fn minimum_budget(name: &str) -> u64 {
 
 /// Invariants every snapshot must satisfy (after `wait_idle`: no read half-counted).
 fn check_consistent(name: &str, s: &ExpertCacheStats, expert_bytes: u64, threads: bool) {
-    assert_eq!(s.hits + s.misses, s.lookups, "{name}: hits + misses");
+    assert_eq!(
+        s.hits + s.misses + s.computed_in_place,
+        s.lookups,
+        "{name}: hits + misses + computed in place"
+    );
     let histogram: u64 = s.layer_usage.iter().flat_map(|l| &l.counts).sum();
     assert_eq!(
         histogram, s.lookups,
@@ -454,6 +458,114 @@ fn prefetch_reads_ahead_and_guesses() {
     }
 }
 
+/// Greedy continuation of `prompt` by `model` alone (one sequence, no engine).
+fn greedy_decoder(model: &moe_models::DecoderModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = model.new_cache();
+    let mut tokens = prompt.to_vec();
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let fed = if got.is_empty() {
+            &tokens[..]
+        } else {
+            &tokens[tokens.len() - 1..]
+        };
+        let logits = model
+            .forward(
+                &mut [SequenceInput {
+                    tokens: fed,
+                    cache: &mut cache,
+                    logits: LogitsWanted::Last,
+                }],
+                ForwardContext::default(),
+            )
+            .unwrap();
+        let row: Vec<f32> = logits[0].get(0).unwrap().to_vec1().unwrap();
+        let next = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
+            .0 as u32;
+        got.push(next);
+        tokens.push(next);
+    }
+    got
+}
+
+/// Fiddler through the two tiers (the CPU standing in for the GPU): with costs that make one
+/// row cheaper to compute on the host than the expert is to copy and a prefill's many rows
+/// dearer, decode steps compute their missed experts in place and prefill fetches. Tokens
+/// stay the resident run's; every in-place lookup is one host lookup and moves no weights.
+#[test]
+fn missed_experts_with_few_rows_are_computed_on_the_host() {
+    let name = "qwen3_moe";
+    let reference = Reference::load(name).unwrap();
+    // f32 experts of B bytes do B/2 FLOPs per row. A 1 GB/s link against a host that streams
+    // at 20 GB/s and computes at 1 GFLOP/s: in place costs about B/2 ns per row, a fetch B ns,
+    // so one row stays on the host and two or more fetch.
+    let costs = TierCosts {
+        link_bytes_per_s: 1e9,
+        lower_memory_bytes_per_s: 20e9,
+        lower_flops: 1e9,
+        upper_flops: 1e12,
+    };
+    let run = |placement: Option<TierCosts>| {
+        let builder = Arc::new(
+            TieredExpertsBuilder::new(ExpertBudget::Percent(25.0), PolicyKind::Lru)
+                .with_host_tier(ExpertBudget::Percent(100.0), Device::Cpu)
+                .with_placement(placement),
+        );
+        let options = LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            expert_source: Some(builder.clone()),
+        };
+        let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
+        for p in &reference.prompts {
+            let got = greedy_decoder(&model, &p.input_ids, p.greedy_new_tokens.len());
+            assert_eq!(got, p.greedy_new_tokens, "placement {placement:?}");
+        }
+        let (upper, host) = (builder.built().unwrap(), builder.built_host().unwrap());
+        upper.wait_idle();
+        (upper.stats(), host.stats())
+    };
+    let (u, h) = run(Some(costs));
+    let (fetch_only, _) = run(None);
+    assert!(u.computed_in_place > 0, "decode misses computed in place");
+    assert!(u.misses > 0, "prefill misses fetched");
+    assert!(u.rows_in_place >= u.computed_in_place);
+    assert!(
+        u.rows_in_place == u.computed_in_place,
+        "only one-row experts stay on the host"
+    );
+    assert_eq!(u.hits + u.misses + u.computed_in_place, u.lookups);
+    assert_eq!(
+        h.lookups,
+        u.misses + u.computed_in_place,
+        "one host lookup per fetch or in-place compute"
+    );
+    let n_experts: u64 = u.layer_usage.iter().map(|l| l.counts.len() as u64).sum();
+    let per_expert = u.expert_bytes_total / n_experts;
+    assert_eq!(
+        u.bytes_read,
+        u.misses * per_expert,
+        "in place moves no weights"
+    );
+    assert_eq!(fetch_only.computed_in_place, 0);
+    assert_eq!(fetch_only.lookups, u.lookups, "the same lookups either way");
+    assert!(
+        u.bytes_read < fetch_only.bytes_read,
+        "computing in place copies less: {} vs {}",
+        u.bytes_read,
+        fetch_only.bytes_read
+    );
+}
+
 /// Two tiers through the same cache code: a cache standing for the GPU (here on the CPU
 /// device: no GPU on this machine) over an LRU host-RAM cache over the files. Tokens stay the
 /// resident run's; each tier stays within its own budget; every load of the upper tier is one
@@ -475,40 +587,7 @@ fn device_tier_over_host_tier() {
         let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
         let (upper, host) = (builder.built().unwrap(), builder.built_host().unwrap());
         for p in &reference.prompts {
-            let mut cache = model.new_cache();
-            let mut tokens = p.input_ids.clone();
-            let mut got = Vec::new();
-            for _ in 0..p.greedy_new_tokens.len() {
-                let fed = if got.is_empty() {
-                    &tokens[..]
-                } else {
-                    &tokens[tokens.len() - 1..]
-                };
-                let logits = model
-                    .forward(
-                        &mut [SequenceInput {
-                            tokens: fed,
-                            cache: &mut cache,
-                            logits: LogitsWanted::Last,
-                        }],
-                        ForwardContext::default(),
-                    )
-                    .unwrap();
-                let row: Vec<f32> = logits[0].get(0).unwrap().to_vec1().unwrap();
-                let next = row
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                        if v > best.1 {
-                            (i, v)
-                        } else {
-                            best
-                        }
-                    })
-                    .0 as u32;
-                got.push(next);
-                tokens.push(next);
-            }
+            let got = greedy_decoder(&model, &p.input_ids, p.greedy_new_tokens.len());
             assert_eq!(got, p.greedy_new_tokens, "{policy}");
         }
         upper.wait_idle();

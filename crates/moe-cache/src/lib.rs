@@ -25,5 +25,5 @@ pub use budget::ExpertBudget;
 pub use placement::{ExpertCost, Placement, TierCosts};
 pub use policy::{CachePolicy, LfuDecay, Lru, PolicyKind, RoutingPrefetch};
 pub use stats::{ExpertCacheStats, LayerUsage};
-pub use tier::{transient_bytes, DiskTier, HostTier, Loaded, LowerTier};
+pub use tier::{transient_bytes, DiskTier, HostTier, Loaded, LowerTier, PageCache};
 pub use tiered::{TieredExperts, TieredExpertsBuilder};

@@ -1,7 +1,8 @@
 //! Fiddler's decision for a missed expert when the lower tier can compute (GPU ← host): bring
-//! the expert's weights up, or compute its tokens where the weights are. A pure cost model; the
-//! device tier that will call it is not built yet (no GPU here), the RAM-over-disk tier never
-//! needs it (disk cannot compute).
+//! the expert's weights up, or compute its tokens where the weights are. A pure cost model,
+//! called by [`crate::TieredExperts`] for a cache whose lower tier computes
+//! ([`crate::tier::LowerTier::weights_in_place`]); the RAM-over-disk tier never needs it
+//! (disk cannot compute).
 
 /// Where a missed expert's tokens are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +37,37 @@ pub struct ExpertCost {
     pub activation_bytes_per_token: u64,
 }
 
+impl ExpertCost {
+    /// A gated FFN expert (`gate`, `up`: `[intermediate, hidden]`, `down`) whose weights take
+    /// `weight_bytes`, with activations of `activation_elem_bytes` per element.
+    pub fn gated_ffn(
+        hidden: usize,
+        intermediate: usize,
+        weight_bytes: u64,
+        activation_elem_bytes: usize,
+    ) -> Self {
+        Self {
+            weight_bytes,
+            flops_per_token: 2.0 * 3.0 * hidden as f64 * intermediate as f64,
+            activation_bytes_per_token: (2 * hidden * activation_elem_bytes) as u64,
+        }
+    }
+}
+
 impl TierCosts {
+    /// A GPU over host RAM as this build copies: pageable (not pinned) host-to-device copies
+    /// (about 10 GB/s on PCIe 4), a desktop CPU's memory bandwidth (20 GB/s) and matmul rate
+    /// (100 GFLOP/s), a data-centre GPU's tensor cores (100 TFLOP/s). Rough on purpose: the
+    /// decision only needs the crossover's order of magnitude.
+    pub fn gpu_over_host() -> Self {
+        Self {
+            link_bytes_per_s: 10e9,
+            lower_memory_bytes_per_s: 20e9,
+            lower_flops: 100e9,
+            upper_flops: 100e12,
+        }
+    }
+
     /// Seconds to copy the weights up and compute `n_tokens` there.
     pub fn fetch_seconds(&self, expert: &ExpertCost, n_tokens: usize) -> f64 {
         expert.weight_bytes as f64 / self.link_bytes_per_s
@@ -78,11 +109,7 @@ mod tests {
                 lower_flops: 100e9,
                 upper_flops: 400e12,
             },
-            ExpertCost {
-                weight_bytes: (3.0 * h * i * 2.0) as u64,
-                flops_per_token: 2.0 * 3.0 * h * i,
-                activation_bytes_per_token: (2.0 * h * 2.0) as u64,
-            },
+            ExpertCost::gated_ffn(h as usize, i as usize, (3.0 * h * i * 2.0) as u64, 2),
         )
     }
 
@@ -108,6 +135,16 @@ mod tests {
         let gap = tiers.in_place_seconds(&expert, first_fetch)
             - tiers.fetch_seconds(&expert, first_fetch);
         assert!(gap >= 0.0 && gap < expert.flops_per_token / tiers.lower_flops * 1.01);
+    }
+
+    #[test]
+    fn pageable_copies_keep_decode_tokens_in_place() {
+        // A Qwen3-30B-A3B bf16 expert: one decoding token computes on the host, a prefill
+        // chunk of 256 tokens fetches.
+        let (_, expert) = setup();
+        let tiers = TierCosts::gpu_over_host();
+        assert_eq!(tiers.place(&expert, 1), Placement::ComputeInPlace);
+        assert_eq!(tiers.place(&expert, 256), Placement::Fetch);
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub struct ExpertCacheStats {
     pub peak_bytes: u64,
     /// Rows (tokens) that went through the first MoE layer.
     pub tokens: u64,
-    /// Expert lookups (`hits + misses`).
+    /// Expert lookups (`hits + misses + computed_in_place`).
     pub lookups: u64,
     /// Lookups served from RAM (possibly after waiting for a read already in flight).
     pub hits: u64,
@@ -70,6 +70,11 @@ pub struct ExpertCacheStats {
     pub guessed_correctly: u64,
     /// `guessed_correctly / guessed_layer_experts`: the fraction of actual experts guessed.
     pub guess_accuracy: f64,
+    /// Lookups of experts this tier did not hold whose rows were computed on the lower tier
+    /// instead of fetching the weights (Fiddler's choice; GPU over host only).
+    pub computed_in_place: u64,
+    /// Token rows those lookups computed on the lower tier.
+    pub rows_in_place: u64,
     /// Per-layer expert-usage histogram (MoE layers only).
     pub layer_usage: Vec<LayerUsage>,
 }
@@ -140,6 +145,13 @@ impl fmt::Display for ExpertCacheStats {
                 100.0 * self.guess_accuracy,
                 self.guessed_correctly,
                 self.guessed_layer_experts,
+            )?;
+        }
+        if self.computed_in_place > 0 {
+            write!(
+                f,
+                "\nexpert cache: {} lookups computed in place on the lower tier ({} token rows) instead of fetching",
+                self.computed_in_place, self.rows_in_place,
             )?;
         }
         for usage in &self.layer_usage {

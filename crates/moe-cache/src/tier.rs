@@ -15,6 +15,7 @@ use moe_core::{Error, ExpertKey, Result};
 use moe_kernels::ExpertWeights;
 use moe_models::{ExpertLayerLayout, ExpertOnDisk, ExpertSource};
 
+use crate::placement::ExpertCost;
 use crate::tiered::TieredExperts;
 
 /// One expert brought up from a lower tier.
@@ -37,6 +38,13 @@ pub trait LowerTier: Send + Sync {
     fn transient_bytes(&self, key: ExpertKey) -> Result<u64>;
     /// Loads an owned copy of `key` for the upper tier.
     fn load(&self, key: ExpertKey) -> Result<Loaded>;
+    /// `key` as the fetch-or-compute cost model sees it.
+    fn expert_cost(&self, key: ExpertKey) -> Result<ExpertCost>;
+    /// `key`'s weights where this tier keeps them, for computing its rows here instead of
+    /// copying it up (Fiddler); `None`: this tier cannot compute (the default: disk).
+    fn weights_in_place(&self, _key: ExpertKey) -> Result<Option<Arc<ExpertWeights>>> {
+        Ok(None)
+    }
 }
 
 /// Bytes one expert may take while it is read and decoded. Three float tensors whose bytes
@@ -53,18 +61,53 @@ pub fn transient_bytes(on_disk: &ExpertOnDisk) -> u64 {
     }
 }
 
+/// Whether the routed experts' file pages may stay in the kernel's page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PageCache {
+    /// Dropped when the tier opens and after every read (`POSIX_FADV_DONTNEED`): an expert
+    /// outside the budget is on disk, not in RAM the budget does not count, and a miss costs
+    /// a real read.
+    #[default]
+    Drop,
+    /// Left to the kernel: misses of recently read experts may come from RAM outside the
+    /// budget (faster when the files fit in memory).
+    Keep,
+}
+
 /// Routed experts in the checkpoint files, read with positioned reads into owned buffers (not
 /// the mmap) and decoded.
 pub struct DiskTier {
     /// `experts[layer][expert]`; empty for dense layers.
     experts: Vec<Vec<ExpertOnDisk>>,
     files: HashMap<PathBuf, File>,
+    page_cache: PageCache,
+}
+
+/// Asks the kernel to drop the cached pages of `len` bytes of `file` from `offset` (whole
+/// pages only). Advice, not a guarantee: failures are ignored.
+fn drop_cached_pages(file: &File, offset: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
 }
 
 impl DiskTier {
     /// Indexes where every routed expert of `layouts` lies and opens the files (nothing is
-    /// read; every expert layout, per-expert or stacked, float or MXFP4, is supported).
-    pub fn open(n_layers: usize, layouts: &[ExpertLayerLayout]) -> Result<Self> {
+    /// read; every expert layout, per-expert or stacked, float or MXFP4, is supported). With
+    /// [`PageCache::Drop`] the experts' pages are dropped from the page cache now, so the
+    /// first read of each is a disk read too.
+    pub fn open(
+        n_layers: usize,
+        layouts: &[ExpertLayerLayout],
+        page_cache: PageCache,
+    ) -> Result<Self> {
         let mut experts: Vec<Vec<ExpertOnDisk>> = (0..n_layers).map(|_| Vec::new()).collect();
         let mut files = HashMap::new();
         for l in layouts {
@@ -80,7 +123,16 @@ impl DiskTier {
             }
             experts[l.layer] = layer;
         }
-        Ok(Self { experts, files })
+        if page_cache == PageCache::Drop {
+            for t in experts.iter().flatten().flat_map(|x| &x.tensors) {
+                drop_cached_pages(&files[&t.path], t.offset, t.len);
+            }
+        }
+        Ok(Self {
+            experts,
+            files,
+            page_cache,
+        })
     }
 
     fn on_disk(&self, key: ExpertKey) -> Result<&ExpertOnDisk> {
@@ -121,6 +173,9 @@ impl LowerTier for DiskTier {
                     source,
                 })?;
             move_time += start.elapsed();
+            if self.page_cache == PageCache::Drop {
+                drop_cached_pages(file, t.offset, t.len);
+            }
             bytes_moved += t.len as u64;
             buffers.push(buffer);
         }
@@ -129,6 +184,20 @@ impl LowerTier for DiskTier {
             bytes_moved,
             move_time,
         })
+    }
+
+    fn expert_cost(&self, key: ExpertKey) -> Result<ExpertCost> {
+        let on_disk = self.on_disk(key)?;
+        let (hidden, intermediate) = on_disk.shape();
+        let weight_bytes = on_disk.ram_bytes as u64;
+        // The decoded weights' element size is the activations' (the compute dtype).
+        let elem = (on_disk.ram_bytes / (3 * hidden * intermediate).max(1)).max(1);
+        Ok(ExpertCost::gated_ffn(
+            hidden,
+            intermediate,
+            weight_bytes,
+            elem,
+        ))
     }
 }
 
@@ -191,5 +260,15 @@ impl LowerTier for HostTier {
             weights,
             move_time: start.elapsed(),
         })
+    }
+
+    fn expert_cost(&self, key: ExpertKey) -> Result<ExpertCost> {
+        self.host.lower().expert_cost(key)
+    }
+
+    /// The host cache's copy (read from disk first if the host tier misses too), computed on
+    /// the host's CPU.
+    fn weights_in_place(&self, key: ExpertKey) -> Result<Option<Arc<ExpertWeights>>> {
+        Ok(Some(self.host.expert(key)?))
     }
 }

@@ -6,8 +6,10 @@
 //! decoded, the reservation shrinks to the weights' size and they become resident. An expert a
 //! lookup returned is *pinned* while the caller holds it (its `Arc` has another owner) and is
 //! never evicted then, so dropping the cache's reference always frees the memory. A lookup that
-//! finds no room waits until the caller computing with a pinned expert releases it; the MoE
-//! block computes one expert at a time, so one expert's transient bytes are the minimum budget.
+//! finds no room releases what it pinned and waits until callers computing with pinned experts
+//! release them (no caller waits while holding experts: no deadlock). The MoE block takes a
+//! layer's experts in waves of as many as fit ([`ExpertSource::max_held_experts`]), at least
+//! one, so one expert's transient bytes are the minimum budget.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -20,9 +22,10 @@ use moe_models::{ExpertLayerLayout, ExpertSource, ExpertSourceFactory};
 
 use crate::budget::ExpertBudget;
 use crate::loader::Loader;
+use crate::placement::{Placement, TierCosts};
 use crate::policy::{CachePolicy, PolicyKind};
 use crate::stats::{ratio, ExpertCacheStats, LayerUsage};
-use crate::tier::{DiskTier, HostTier, LowerTier};
+use crate::tier::{DiskTier, HostTier, LowerTier, PageCache};
 
 /// How long a lookup waits for room before concluding that the budget is held by experts in
 /// use that will not be released (a caller holding more experts at once than fit).
@@ -45,6 +48,8 @@ struct Counters {
     prefetch_dropped: u64,
     guessed_layer_experts: u64,
     guessed_correctly: u64,
+    computed_in_place: u64,
+    rows_in_place: u64,
 }
 
 /// A guessed expert waiting for the loader, tagged with the guess it came from.
@@ -79,6 +84,8 @@ pub(crate) struct State {
     guess_count: u64,
     /// Set when the cache is dropped: the loader exits.
     pub(crate) shutdown: bool,
+    /// Fetch-or-compute costs, when misses may be computed on the lower tier (Fiddler).
+    placement: Option<TierCosts>,
 }
 
 /// The part of the cache the loader thread shares.
@@ -89,6 +96,8 @@ pub(crate) struct Inner {
     total_bytes: u64,
     /// The most one read reserves: the minimum budget.
     min_budget: u64,
+    /// Experts one caller may hold at once ([`ExpertSource::max_held_experts`]).
+    max_held: usize,
     /// The first MoE layer, whose rows count as the tokens.
     first_moe_layer: usize,
     state: Mutex<State>,
@@ -233,6 +242,109 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The lookup behind [`ExpertSource::expert`] and [`ExpertSource::experts`]: every key's
+    /// weights, pinned for the caller, in the order asked. Resident keys are pinned first (so
+    /// making room for the misses cannot evict them), then the misses are read one at a time.
+    /// When no room can be made, what this call pinned is released before it waits: a caller
+    /// never waits on the budget while holding experts, so callers cannot deadlock. Each key
+    /// counts once, as the hit or miss of its first resolution.
+    fn acquire(&self, keys: &[ExpertKey]) -> Result<Vec<Arc<ExpertWeights>>> {
+        let needs = keys
+            .iter()
+            .map(|&k| self.lower.transient_bytes(k))
+            .collect::<Result<Vec<_>>>()?;
+        let start = Instant::now();
+        let mut counted = vec![false; keys.len()];
+        let mut s = self.lock();
+        for k in keys {
+            s.usage[k.layer][k.expert] += 1;
+        }
+        let mut waited = false;
+        let mut missed = false;
+        'attempt: loop {
+            let mut held: Vec<Option<Arc<ExpertWeights>>> = vec![None; keys.len()];
+            loop {
+                // Pin what is resident.
+                for (i, &key) in keys.iter().enumerate() {
+                    if held[i].is_some() {
+                        continue;
+                    }
+                    let Some((weights, _)) = s.resident.get(&key) else {
+                        continue;
+                    };
+                    held[i] = Some(weights.clone());
+                    if !counted[i] {
+                        counted[i] = true;
+                        s.counters.hits += 1;
+                        s.policy.on_hit(key);
+                        if s.unused_prefetches.remove(&key) {
+                            s.counters.prefetch_hits += 1;
+                            s.counters.prefetch_late += u64::from(waited);
+                        }
+                    }
+                }
+                let Some(i) = held.iter().position(Option::is_none) else {
+                    break;
+                };
+                let key = keys[i];
+                if s.in_flight.contains_key(&key) {
+                    // Being read (by the loader or another caller): it lands without needing
+                    // more room, so waiting while holding the others is safe.
+                } else if self.make_room(&mut s, needs[i], Reader::Demand) {
+                    if !counted[i] {
+                        counted[i] = true;
+                        s.counters.misses += 1;
+                    }
+                    missed = true;
+                    let (guard, result) = self.load(s, key, Reader::Demand);
+                    s = guard;
+                    held[i] = Some(result?);
+                    continue;
+                } else {
+                    // No room until experts in use are released: release ours, then wait.
+                    drop(held);
+                    self.check_room_timeout(&s, key, start)?;
+                    waited = true;
+                    s = self.wait_for_change(s);
+                    continue 'attempt;
+                }
+                self.check_room_timeout(&s, key, start)?;
+                waited = true;
+                s = self.wait_for_change(s);
+            }
+            if waited || missed {
+                s.counters.stall_time += start.elapsed();
+            }
+            return Ok(held.into_iter().map(|w| w.expect("all pinned")).collect());
+        }
+    }
+
+    /// An error once a lookup has waited [`ROOM_TIMEOUT`] for room that only experts held
+    /// by callers could free (one caller holding more experts than fit).
+    fn check_room_timeout(&self, s: &State, key: ExpertKey, start: Instant) -> Result<()> {
+        if start.elapsed() > ROOM_TIMEOUT && s.in_flight.is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "expert cache: no room for layer {} expert {} in the budget of {} bytes after {} s: the experts in use hold it",
+                key.layer,
+                key.expert,
+                self.budget,
+                ROOM_TIMEOUT.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits until an expert lands, is evicted or a read fails, or 2 ms pass (a caller
+    /// dropping an expert it held is not signalled).
+    fn wait_for_change<'a>(&'a self, s: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed
+            .wait_timeout(s, Duration::from_millis(2))
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+    }
+}
+
 /// An [`ExpertSource`] that reads routed experts from the checkpoint files on demand (plain
 /// positioned reads into owned buffers, not the mmap) and keeps at most `budget` bytes of them
 /// — resident, in use, or being read — in RAM, evicting by a [`CachePolicy`]. With a policy
@@ -251,14 +363,16 @@ impl TieredExperts {
         layouts: &[ExpertLayerLayout],
         budget: ExpertBudget,
         policy: Box<dyn CachePolicy>,
+        page_cache: PageCache,
     ) -> Result<Self> {
-        Self::over(Arc::new(DiskTier::open(n_layers, layouts)?), budget, policy)
+        let disk = DiskTier::open(n_layers, layouts, page_cache)?;
+        Self::over(Arc::new(disk), budget, policy)
     }
 
     /// A cache of at most `budget` over `lower` (nothing is loaded yet). Checks that the
     /// budget holds one expert while it is loaded ([`LowerTier::transient_bytes`]): the MoE
-    /// block loads, computes and releases its experts one at a time, so that is what one step
-    /// needs.
+    /// block computes in waves of as many experts as fit, at least one, so that is what one
+    /// step needs.
     pub fn over(
         lower: Arc<dyn LowerTier>,
         budget: ExpertBudget,
@@ -268,10 +382,13 @@ impl TieredExperts {
         let mut total_bytes = 0u64;
         // (bytes, layer) of the largest single-expert need.
         let mut min_need = (0u64, 0usize);
+        let mut largest = 0u64;
         for (layer, &n) in per_layer.iter().enumerate() {
             for expert in 0..n {
                 let key = ExpertKey { layer, expert };
-                total_bytes += lower.ram_bytes(key)?;
+                let ram = lower.ram_bytes(key)?;
+                total_bytes += ram;
+                largest = largest.max(ram);
                 let need = lower.transient_bytes(key)?;
                 if need > min_need.0 {
                     min_need = (need, layer);
@@ -297,6 +414,7 @@ impl TieredExperts {
             budget: budget_bytes,
             total_bytes,
             min_budget: min_need.0,
+            max_held: 1 + ((budget_bytes - min_need.0) / largest.max(1)) as usize,
             state: Mutex::new(State {
                 resident: HashMap::new(),
                 resident_bytes: 0,
@@ -312,6 +430,7 @@ impl TieredExperts {
                 queue: VecDeque::new(),
                 guess_count: 0,
                 shutdown: false,
+                placement: None,
             }),
             changed: Condvar::new(),
             work: Condvar::new(),
@@ -323,6 +442,13 @@ impl TieredExperts {
             inner,
             _loader: loader,
         })
+    }
+
+    /// Lets misses be computed on the lower tier when that is cheaper than fetching the
+    /// weights (Fiddler), by these costs; `None` turns it off. Only a lower tier that can
+    /// compute ([`LowerTier::weights_in_place`]) is ever asked.
+    pub fn set_placement(&self, costs: Option<TierCosts>) {
+        self.inner.lock().placement = costs;
     }
 
     /// The tier this cache loads from.
@@ -358,7 +484,7 @@ impl TieredExperts {
     pub fn stats(&self) -> ExpertCacheStats {
         let s = self.inner.lock();
         let c = &s.counters;
-        let lookups = c.hits + c.misses;
+        let lookups = c.hits + c.misses + c.computed_in_place;
         ExpertCacheStats {
             policy: s.policy.name().to_string(),
             budget_bytes: self.inner.budget,
@@ -386,6 +512,8 @@ impl TieredExperts {
             guessed_layer_experts: c.guessed_layer_experts,
             guessed_correctly: c.guessed_correctly,
             guess_accuracy: ratio(c.guessed_correctly, c.guessed_layer_experts),
+            computed_in_place: c.computed_in_place,
+            rows_in_place: c.rows_in_place,
             layer_usage: s
                 .usage
                 .iter()
@@ -414,51 +542,65 @@ impl TieredExperts {
 
 impl ExpertSource for TieredExperts {
     fn expert(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>> {
+        let mut weights = self.inner.acquire(&[key])?;
+        Ok(weights.pop().expect("one expert asked, one returned"))
+    }
+
+    fn experts(&self, layer: usize, experts: &[usize]) -> Result<Vec<Arc<ExpertWeights>>> {
+        let keys: Vec<ExpertKey> = experts
+            .iter()
+            .map(|&expert| ExpertKey { layer, expert })
+            .collect();
+        self.inner.acquire(&keys)
+    }
+
+    /// Experts neither resident nor being read whose rows the cost model places on the lower
+    /// tier. They count as lookups, neither hits nor misses ([`ExpertCacheStats`]).
+    fn compute_in_place(
+        &self,
+        layer: usize,
+        experts: &[usize],
+        n_rows: &[usize],
+    ) -> Result<Vec<(usize, Arc<ExpertWeights>)>> {
         let inner = &*self.inner;
-        let need = inner.lower.transient_bytes(key)?;
-        let start = Instant::now();
-        let mut s = inner.lock();
-        s.usage[key.layer][key.expert] += 1;
-        let mut waited = false;
-        loop {
-            if let Some((weights, _)) = s.resident.get(&key) {
-                let weights = weights.clone();
-                s.counters.hits += 1;
-                s.policy.on_hit(key);
-                if s.unused_prefetches.remove(&key) {
-                    s.counters.prefetch_hits += 1;
-                    s.counters.prefetch_late += u64::from(waited);
-                }
-                if waited {
-                    s.counters.stall_time += start.elapsed();
-                }
-                return Ok(weights);
+        let (costs, missing) = {
+            let s = inner.lock();
+            let Some(costs) = s.placement else {
+                return Ok(Vec::new());
+            };
+            let missing: Vec<(usize, usize)> = experts
+                .iter()
+                .zip(n_rows)
+                .filter(|(&expert, _)| {
+                    let key = ExpertKey { layer, expert };
+                    !s.resident.contains_key(&key) && !s.in_flight.contains_key(&key)
+                })
+                .map(|(&e, &n)| (e, n))
+                .collect();
+            (costs, missing)
+        };
+        let mut placed = Vec::new();
+        let mut rows = 0u64;
+        for (expert, n) in missing {
+            let key = ExpertKey { layer, expert };
+            if costs.place(&inner.lower.expert_cost(key)?, n) != Placement::ComputeInPlace {
+                continue;
             }
-            if !s.in_flight.contains_key(&key) && inner.make_room(&mut s, need, Reader::Demand) {
+            let Some(weights) = inner.lower.weights_in_place(key)? else {
                 break;
-            }
-            // Being read (by the loader or another lookup), or no room until an expert in use
-            // is released.
-            if start.elapsed() > ROOM_TIMEOUT && s.in_flight.is_empty() {
-                return Err(Error::InvalidRequest(format!(
-                    "expert cache: no room for layer {} expert {} in the budget of {} bytes after {} s: the experts in use hold it",
-                    key.layer,
-                    key.expert,
-                    inner.budget,
-                    ROOM_TIMEOUT.as_secs()
-                )));
-            }
-            waited = true;
-            s = inner
-                .changed
-                .wait_timeout(s, Duration::from_millis(2))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            };
+            placed.push((expert, weights));
+            rows += n as u64;
         }
-        s.counters.misses += 1;
-        let (mut s, result) = inner.load(s, key, Reader::Demand);
-        s.counters.stall_time += start.elapsed();
-        result
+        if !placed.is_empty() {
+            let mut s = inner.lock();
+            s.counters.computed_in_place += placed.len() as u64;
+            s.counters.rows_in_place += rows;
+            for (expert, _) in &placed {
+                s.usage[layer][*expert] += 1;
+            }
+        }
+        Ok(placed)
     }
 
     fn prefetch(&self, layer: usize, experts: &[usize]) {
@@ -524,10 +666,11 @@ impl ExpertSource for TieredExperts {
         }
     }
 
-    /// One: the budget only guarantees room for one expert per caller (several threads may
-    /// share the engine), so the MoE block takes the experts one at a time.
+    /// As many as fit in the budget while the last of them is read: `n - 1` of the largest
+    /// experts resident plus one largest read in flight. A wave that large still waits if
+    /// other callers hold part of the budget, without holding anything meanwhile.
     fn max_held_experts(&self) -> Option<usize> {
-        Some(1)
+        Some(self.inner.max_held)
     }
 
     fn resident_bytes(&self) -> usize {
@@ -544,6 +687,12 @@ pub struct TieredExpertsBuilder {
     policy: PolicyKind,
     /// Host-RAM budget and the upper tier's device, for two tiers.
     host: Option<(ExpertBudget, Device)>,
+    /// Fetch-or-compute costs for the upper tier of two, when set by
+    /// [`TieredExpertsBuilder::with_placement`]; unset: [`TierCosts::gpu_over_host`] on a GPU,
+    /// none otherwise.
+    placement: Option<Option<TierCosts>>,
+    /// What the disk tier does with the page cache.
+    page_cache: PageCache,
     built: Mutex<Option<(Arc<TieredExperts>, Option<Arc<TieredExperts>>)>>,
 }
 
@@ -554,14 +703,33 @@ impl TieredExpertsBuilder {
             budget,
             policy,
             host: None,
+            placement: None,
+            page_cache: PageCache::default(),
             built: Mutex::new(None),
         }
     }
 
     /// Two tiers: the cache of `budget` holds experts on `device` and loads them from an LRU
-    /// host-RAM cache of `host_budget` (`--host-budget`), which reads the files.
+    /// host-RAM cache of `host_budget` (`--host-budget`), which reads the files. A miss whose
+    /// few rows are cheaper to compute on the host than the weights are to copy is computed
+    /// there (Fiddler; on a GPU by [`TierCosts::gpu_over_host`] unless
+    /// [`TieredExpertsBuilder::with_placement`] says otherwise).
     pub fn with_host_tier(mut self, host_budget: ExpertBudget, device: Device) -> Self {
         self.host = Some((host_budget, device));
+        self
+    }
+
+    /// Whether the experts' file pages may stay in the page cache (default: dropped, see
+    /// [`PageCache`]).
+    pub fn with_page_cache(mut self, page_cache: PageCache) -> Self {
+        self.page_cache = page_cache;
+        self
+    }
+
+    /// The fetch-or-compute costs of the two-tier cache (`None`: always fetch), whatever the
+    /// device (a test with the CPU standing in for the GPU sets them).
+    pub fn with_placement(mut self, costs: Option<TierCosts>) -> Self {
+        self.placement = Some(costs);
         self
     }
 
@@ -601,7 +769,7 @@ impl ExpertSourceFactory for TieredExpertsBuilder {
         let policy = self.policy.build(lookups_per_token);
         let (cache, host) = match &self.host {
             None => (
-                TieredExperts::open(n_layers, layouts, self.budget, policy)?,
+                TieredExperts::open(n_layers, layouts, self.budget, policy, self.page_cache)?,
                 None,
             ),
             Some((host_budget, device)) => {
@@ -613,14 +781,20 @@ impl ExpertSourceFactory for TieredExpertsBuilder {
                         ..l.clone()
                     })
                     .collect();
-                let disk: Arc<dyn LowerTier> = Arc::new(DiskTier::open(n_layers, &on_host)?);
+                let disk: Arc<dyn LowerTier> =
+                    Arc::new(DiskTier::open(n_layers, &on_host, self.page_cache)?);
                 let host = Arc::new(TieredExperts::over(
                     disk,
                     *host_budget,
                     PolicyKind::Lru.build(lookups_per_token),
                 )?);
                 let tier = Arc::new(HostTier::new(host.clone(), device.clone()));
-                (TieredExperts::over(tier, self.budget, policy)?, Some(host))
+                let upper = TieredExperts::over(tier, self.budget, policy)?;
+                upper.set_placement(
+                    self.placement
+                        .unwrap_or_else(|| device.is_cuda().then(TierCosts::gpu_over_host)),
+                );
+                (upper, Some(host))
             }
         };
         let cache = Arc::new(cache);

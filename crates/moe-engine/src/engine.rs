@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use moe_cache::{ExpertBudget, ExpertCacheStats, PolicyKind, TieredExperts, TieredExpertsBuilder};
+use moe_cache::{
+    ExpertBudget, ExpertCacheStats, PageCache, PolicyKind, TieredExperts, TieredExpertsBuilder,
+};
 use moe_core::{Error, Result};
 use moe_loader::{resolve_model, Checkpoint, ConfigFile};
 use moe_models::{load_decoder, DecoderModel, LoadOptions, ModelSummary};
@@ -34,6 +36,9 @@ pub struct EngineOptions {
     /// With a GPU device: `expert_budget` is the GPU tier's and this the host-RAM tier's under
     /// it (`--host-budget`). Refused on the CPU, where `expert_budget` is the RAM budget.
     pub host_budget: Option<ExpertBudget>,
+    /// Whether the expert cache's disk tier drops the experts' file pages from the kernel's
+    /// page cache (the default: the budget is then all the RAM experts take) or keeps them.
+    pub expert_page_cache: PageCache,
 }
 
 /// The folder of the bundled demo model: `$MOE_INFER_BUNDLED_MODEL`, else `models/tinystories-moe`
@@ -90,7 +95,10 @@ impl Engine {
                     "--host-budget is the RAM tier under --expert-budget's GPU tier: give --expert-budget too".into(),
                 ))
             }
-            (Some(budget), None) => Some(TieredExpertsBuilder::new(budget, options.expert_policy)),
+            (Some(budget), None) => Some(
+                TieredExpertsBuilder::new(budget, options.expert_policy)
+                    .with_page_cache(options.expert_page_cache),
+            ),
             (Some(_), Some(_)) if device.is_cpu() => {
                 return Err(Error::InvalidRequest(
                     "--host-budget needs --device cuda: on the CPU, --expert-budget is the RAM budget".into(),
@@ -98,7 +106,8 @@ impl Engine {
             }
             (Some(budget), Some(host)) => Some(
                 TieredExpertsBuilder::new(budget, options.expert_policy)
-                    .with_host_tier(host, device.clone()),
+                    .with_host_tier(host, device.clone())
+                    .with_page_cache(options.expert_page_cache),
             ),
         }
         .map(Arc::new);

@@ -39,7 +39,7 @@ pub mod tokenizer;
 pub use bench::{run_bench, BenchConfig, BenchReport};
 pub use device::{DeviceChoice, DtypeChoice};
 pub use engine::{bundled_model_dir, Engine, EngineOptions};
-pub use moe_cache::{ExpertBudget, ExpertCacheStats, LayerUsage, PolicyKind};
+pub use moe_cache::{ExpertBudget, ExpertCacheStats, LayerUsage, PageCache, PolicyKind};
 pub use moe_core::{Error, Result};
 pub use perplexity::PerplexityReport;
 pub use request::{ChatMessage, FinishReason, GenerateRequest, GenerateResponse, Prompt, Timings};

@@ -11,7 +11,7 @@ mod bench;
 
 use moe_engine::{
     ChatMessage, DeviceChoice, DtypeChoice, Engine, EngineOptions, ExpertBudget, GenerateRequest,
-    PolicyKind, Prompt, SamplingParams,
+    PageCache, PolicyKind, Prompt, SamplingParams,
 };
 
 /// mimalloc keeps freed activation buffers for reuse; glibc's malloc returns large ones to the
@@ -63,6 +63,11 @@ struct ModelArgs {
     /// GPU tier.
     #[arg(long)]
     host_budget: Option<String>,
+    /// Let the kernel's page cache keep the experts' file pages the cache reads (faster when
+    /// the files fit in RAM, but that RAM is outside --expert-budget). Default: dropped, so
+    /// a miss is a disk read and the budget is all the RAM experts take.
+    #[arg(long, requires = "expert_budget")]
+    keep_page_cache: bool,
     /// CPU numerics: fast (AVX2 kernels, bf16 close to transformers) or torch-exact (bf16
     /// bit-for-bit as transformers on the CPU, slower). Default: fast, or MOE_NUMERICS.
     #[arg(long)]
@@ -90,6 +95,11 @@ impl ModelArgs {
                 .as_deref()
                 .map(str::parse::<ExpertBudget>)
                 .transpose()?,
+            expert_page_cache: if self.keep_page_cache {
+                PageCache::Keep
+            } else {
+                PageCache::Drop
+            },
         };
         Ok(Engine::load(&options)?)
     }

@@ -100,6 +100,34 @@ impl ExpertGroups {
         }
     }
 
+    /// The same grouping with only the slots of the experts in `keep` (any order) kept: the
+    /// part of a layer computed in one place when its experts are split between places.
+    pub fn restricted_to_set(&self, keep: &[usize]) -> Self {
+        let n = self.n_experts();
+        let mut kept = vec![false; n];
+        for &e in keep {
+            if e < n {
+                kept[e] = true;
+            }
+        }
+        let mut offsets = Vec::with_capacity(n + 1);
+        let (mut token_rows, mut weights) = (Vec::new(), Vec::new());
+        offsets.push(0);
+        for (e, &keep) in kept.iter().enumerate() {
+            if keep {
+                let (rows, w) = self.rows(e);
+                token_rows.extend_from_slice(rows);
+                weights.extend_from_slice(w);
+            }
+            offsets.push(token_rows.len());
+        }
+        Self {
+            offsets,
+            token_rows,
+            weights,
+        }
+    }
+
     /// Experts that received at least one row, in increasing order.
     pub fn active_experts(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.n_experts()).filter(|&e| self.offsets[e + 1] > self.offsets[e])
@@ -135,6 +163,21 @@ mod tests {
         let r = g.restricted_to(3..4);
         assert_eq!(r.rows(3), g.rows(3));
         assert_eq!(r.active_experts().collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
+    fn restriction_to_a_set_matches_restriction_to_each_expert() {
+        let ids = [1, 0, 3, 1, 0, 3, 2, 0];
+        let w = [0.6, 0.4, 0.7, 0.3, 0.9, 0.1, 0.5, 0.5];
+        let g = ExpertGroups::from_slices(&ids, &w, 2, 4).unwrap();
+        let r = g.restricted_to_set(&[3, 0]);
+        assert_eq!(r.active_experts().collect::<Vec<_>>(), vec![0, 3]);
+        assert_eq!(r.rows(0), g.rows(0));
+        assert_eq!(r.rows(3), g.rows(3));
+        assert_eq!(r.rows(1), (&[][..], &[][..]));
+        assert_eq!(r.token_rows.len(), g.rows(0).0.len() + g.rows(3).0.len());
+        let none = g.restricted_to_set(&[]);
+        assert_eq!(none.active_experts().count(), 0);
     }
 
     #[test]

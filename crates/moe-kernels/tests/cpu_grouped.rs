@@ -135,9 +135,10 @@ fn grouped_ffn_matches_the_reference_and_waves_match_one_call() {
                 }
                 for wave in [1, 2, 3] {
                     let mut fetched = Vec::new();
-                    let waves = fast_grouped_experts_in_waves(&x, &g, &active, wave, act, |e| {
-                        fetched.push(e);
-                        Ok(&w[e])
+                    let waves = fast_grouped_experts_in_waves(&x, &g, &active, wave, act, |ids| {
+                        assert!(!ids.is_empty() && ids.len() <= wave, "a wave of 1..={wave}");
+                        fetched.extend_from_slice(ids);
+                        Ok(ids.iter().map(|&e| &w[e]).collect())
                     })
                     .unwrap()
                     .expect("applies");

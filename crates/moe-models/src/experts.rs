@@ -256,6 +256,11 @@ pub struct ExpertOnDisk {
 }
 
 impl ExpertOnDisk {
+    /// `(hidden, intermediate)`: the expert's gated FFN shape.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.hidden, self.intermediate)
+    }
+
     /// Decodes the expert from the bytes of [`ExpertOnDisk::tensors`], read in that order.
     pub fn decode(&self, bytes: &[Vec<u8>]) -> Result<ExpertWeights> {
         if bytes.len() != self.tensors.len() {
@@ -438,8 +443,36 @@ pub trait ExpertSource: Send + Sync {
     /// look them up: for statistics (tokens, guess accuracy); the default does nothing.
     fn routed(&self, _layer: usize, _n_tokens: usize, _experts: &[usize]) {}
 
-    /// How many experts one caller may hold at once without waiting on the budget (`None`:
-    /// no limit). The MoE block computes a layer's experts in waves of at most this many.
+    /// Several experts of `layer` (distinct ids) that the caller will compute with together:
+    /// a wave of the MoE block, at most [`ExpertSource::max_held_experts`] of them. Weights come
+    /// back in the order asked. A source with a budget hands out all of them or, while it
+    /// cannot, holds none of them for the caller (so callers waiting on each other cannot
+    /// deadlock). The default looks them up one by one.
+    fn experts(&self, layer: usize, experts: &[usize]) -> Result<Vec<Arc<ExpertWeights>>> {
+        experts
+            .iter()
+            .map(|&expert| self.expert(ExpertKey { layer, expert }))
+            .collect()
+    }
+
+    /// Fiddler's choice for the experts of `layer` this source does not hold in its fast tier:
+    /// those of `experts` (`n_rows[i]` token rows routed to `experts[i]`) whose rows are
+    /// cheaper to compute where the weights live than to bring the weights up, each with
+    /// those weights (on the lower tier's device, held for the caller). The caller computes
+    /// them there and leaves them out of [`ExpertSource::experts`]. The default, and any
+    /// source whose lower tier cannot compute (disk): none.
+    fn compute_in_place(
+        &self,
+        _layer: usize,
+        _experts: &[usize],
+        _n_rows: &[usize],
+    ) -> Result<Vec<(usize, Arc<ExpertWeights>)>> {
+        Ok(Vec::new())
+    }
+
+    /// How many experts one caller may hold at once through [`ExpertSource::experts`]
+    /// (`None`: no limit). The MoE block computes a layer's experts in waves of at most this
+    /// many.
     fn max_held_experts(&self) -> Option<usize> {
         None
     }

@@ -126,18 +126,23 @@ pub fn fast_grouped_experts<E: Borrow<ExpertWeights>>(
     activation: ExpertActivation,
 ) -> Result<Option<Tensor>> {
     let active: Vec<usize> = groups.active_experts().collect();
-    let mut remaining = experts.iter();
+    assert_eq!(
+        experts.len(),
+        active.len(),
+        "one weight set per active expert"
+    );
     fast_grouped_experts_in_waves(x, groups, &active, active.len(), activation, |_| {
-        Ok(remaining
-            .next()
-            .expect("one weight set per active expert")
-            .borrow())
+        Ok(experts
+            .iter()
+            .map(Borrow::borrow)
+            .collect::<Vec<&ExpertWeights>>())
     })
 }
 
 /// [`fast_grouped_experts`] for an expert store that lets a caller hold only `wave` experts
 /// at a time (a budgeted expert cache): the active experts (`active`, increasing ids) are
-/// fetched with `fetch` and computed `wave` at a time, every wave adding into one f32 output
+/// fetched with `fetch`, a wave of up to `wave` consecutive ids per call (it returns their
+/// weights in the same order), and computed a wave at a time, every wave adding into one f32 output
 /// that is rounded to `x`'s dtype once at the end — the same sums, in the same expert order,
 /// as one call with every expert. A wave's weights are dropped before the next is fetched.
 pub fn fast_grouped_experts_in_waves<W: Borrow<ExpertWeights>>(
@@ -146,7 +151,7 @@ pub fn fast_grouped_experts_in_waves<W: Borrow<ExpertWeights>>(
     active: &[usize],
     wave: usize,
     activation: ExpertActivation,
-    mut fetch: impl FnMut(usize) -> Result<W>,
+    mut fetch: impl FnMut(&[usize]) -> Result<Vec<W>>,
 ) -> Result<Option<Tensor>> {
     if !matches!(x.device(), Device::Cpu) || active.is_empty() {
         return Ok(None);
@@ -155,10 +160,14 @@ pub fn fast_grouped_experts_in_waves<W: Borrow<ExpertWeights>>(
     let xv = to_f32_vec(x)?;
     let mut out = vec![0f32; n_tokens * hidden];
     for experts in active.chunks(wave.max(1)) {
-        let weights = experts
-            .iter()
-            .map(|&e| fetch(e))
-            .collect::<Result<Vec<_>>>()?;
+        let weights = fetch(experts)?;
+        if weights.len() != experts.len() {
+            return Err(Error::InvalidRequest(format!(
+                "grouped experts: asked for {} experts, got {}",
+                experts.len(),
+                weights.len()
+            )));
+        }
         let wave_groups;
         let groups = if experts.len() == active.len() {
             groups

@@ -95,12 +95,26 @@ impl SparseMoeBlock {
         let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
         let active: Vec<usize> = groups.active_experts().collect();
         self.experts.routed(self.layer, n_tokens, &active);
-        let mut y = if x.device().is_cuda() {
-            self.routed_on_gpu(x, &routing, &groups, &active)?
+        let n_rows: Vec<usize> = active.iter().map(|&e| groups.rows(e).0.len()).collect();
+        let mut in_place = self
+            .experts
+            .compute_in_place(self.layer, &active, &n_rows)?;
+        in_place.sort_by_key(|(e, _)| *e);
+        let mut y = if in_place.is_empty() {
+            self.routed_here(x, Some(&routing), &groups, &active)?
         } else {
-            match self.routed_fast(x, &groups, &active)? {
-                Some(y) => y,
-                None => self.routed_reference(x, &groups, &active)?,
+            let placed: Vec<usize> = in_place.iter().map(|(e, _)| *e).collect();
+            let fetched: Vec<usize> = active
+                .iter()
+                .copied()
+                .filter(|e| !placed.contains(e))
+                .collect();
+            let there = self.routed_in_place(x, &groups.restricted_to_set(&placed), &in_place)?;
+            if fetched.is_empty() {
+                there
+            } else {
+                let here = groups.restricted_to_set(&fetched);
+                (self.routed_here(x, None, &here, &fetched)? + there)?
             }
         };
         if let Some(shared) = &self.shared {
@@ -114,6 +128,72 @@ impl SparseMoeBlock {
             y = (y + s)?;
         }
         Ok(y)
+    }
+
+    /// The routed experts `active` of `groups` on `x`'s device: our CUDA kernels, the grouped
+    /// CPU kernel, or the per-expert reference. `routing` is the layer's whole routing, given
+    /// when `groups` is all of it (the CUDA kernels read it).
+    fn routed_here(
+        &self,
+        x: &Tensor,
+        routing: Option<&Routing>,
+        groups: &ExpertGroups,
+        active: &[usize],
+    ) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            return match routing {
+                Some(routing) => self.routed_on_gpu(x, routing, groups, active),
+                None => {
+                    static PART: std::sync::Once = std::sync::Once::new();
+                    PART.call_once(|| {
+                        eprintln!(
+                            "moe-models: some experts are computed in place on the host: on CUDA \
+                             the others then run one at a time with candle ops"
+                        )
+                    });
+                    self.routed_reference(x, groups, active)
+                }
+            };
+        }
+        match self.routed_fast(x, groups, active)? {
+            Some(y) => Ok(y),
+            None => self.routed_reference(x, groups, active),
+        }
+    }
+
+    /// Experts the expert source computes where their weights live (Fiddler): `x`'s rows go
+    /// to the weights' device (host RAM under a GPU cache), the weighted sum comes back.
+    /// `groups` holds only these experts' slots; `in_place` is in increasing expert order.
+    fn routed_in_place(
+        &self,
+        x: &Tensor,
+        groups: &ExpertGroups,
+        in_place: &[(usize, Arc<moe_kernels::ExpertWeights>)],
+    ) -> Result<Tensor> {
+        let (n_tokens, hidden) = x.dims2()?;
+        let there = in_place[0].1.gate.device().clone();
+        let x_there = x.to_device(&there)?;
+        if there.is_cpu() && numerics() == Numerics::Fast {
+            let weights: Vec<&moe_kernels::ExpertWeights> =
+                in_place.iter().map(|(_, w)| w.as_ref()).collect();
+            if let Some(y) =
+                moe_kernels::cpu::fast_grouped_experts(&x_there, groups, &weights, self.activation)?
+            {
+                return Ok(y.to_device(x.device())?);
+            }
+        }
+        let mut outputs = Vec::with_capacity(in_place.len());
+        for (expert, weights) in in_place {
+            let (rows, _) = groups.rows(*expert);
+            let rows = Tensor::from_slice(rows, rows.len(), &there)?;
+            outputs.push(expert_ffn(
+                &x_there.index_select(&rows, 0)?,
+                weights,
+                self.activation,
+            )?);
+        }
+        let y = combine(n_tokens, hidden, groups, &outputs, x.dtype(), &there)?;
+        Ok(y.to_device(x.device())?)
     }
 
     /// The routed experts with the grouped CPU kernel ([`fast_grouped_experts_in_waves`]): gate and up
@@ -131,13 +211,9 @@ impl SparseMoeBlock {
         // A budgeted expert cache lets a caller hold only so many experts at once: the layer
         // then runs in waves of consecutive active experts, summed in f32.
         let wave = self.experts.max_held_experts().unwrap_or(active.len());
-        let y =
-            fast_grouped_experts_in_waves(x, groups, active, wave, self.activation, |expert| {
-                self.experts.expert(ExpertKey {
-                    layer: self.layer,
-                    expert,
-                })
-            })?;
+        let y = fast_grouped_experts_in_waves(x, groups, active, wave, self.activation, |ids| {
+            self.experts.experts(self.layer, ids)
+        })?;
         if y.is_none() {
             static ONCE: std::sync::Once = std::sync::Once::new();
             ONCE.call_once(|| {
@@ -179,17 +255,12 @@ impl SparseMoeBlock {
                  step (moe_kernels::cuda_pool is not wired in yet)"
             )
         });
-        let weights = active
+        let weights = self.experts.experts(self.layer, active)?;
+        let refs: Vec<_> = active
             .iter()
-            .map(|&expert| {
-                let key = ExpertKey {
-                    layer: self.layer,
-                    expert,
-                };
-                Ok((expert, self.experts.expert(key)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let refs: Vec<_> = weights.iter().map(|(e, w)| (*e, w.as_ref())).collect();
+            .zip(&weights)
+            .map(|(&e, w)| (e, w.as_ref()))
+            .collect();
         let stacked = StackedExperts::stack(&refs, self.routing.n_experts)?;
         let op = MoeExperts {
             experts: &stacked,
