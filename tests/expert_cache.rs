@@ -97,8 +97,12 @@ fn check_consistent(name: &str, s: &ExpertCacheStats, expert_bytes: u64, threads
     // disk, f32 in RAM).
     assert_eq!(
         s.bytes_read,
-        (s.misses + s.prefetches) * expert_bytes,
+        (s.misses + s.rereads + s.prefetches) * expert_bytes,
         "{name}: bytes read"
+    );
+    assert!(
+        threads || s.rereads == 0,
+        "{name}: one caller never rereads"
     );
     assert_eq!(
         s.resident_bytes,
@@ -107,9 +111,9 @@ fn check_consistent(name: &str, s: &ExpertCacheStats, expert_bytes: u64, threads
     );
     // What is resident is what came in minus what went out.
     assert_eq!(
-        s.misses + s.prefetches - s.evictions,
+        s.misses + s.rereads + s.prefetches - s.evictions,
         s.resident_experts as u64,
-        "{name}: misses + prefetches − evictions = resident"
+        "{name}: reads − evictions = resident"
     );
     assert_eq!(
         s.prefetches,

@@ -40,6 +40,9 @@ pub struct ExpertCacheStats {
     pub hits: u64,
     /// Lookups that read the expert from disk themselves.
     pub misses: u64,
+    /// Further reads by lookups already counted: a lookup of several experts that found no
+    /// room released them and read one again (callers contending for a small budget).
+    pub rereads: u64,
     /// `hits / lookups` (0 when nothing was looked up).
     pub hit_rate: f64,
     /// Experts dropped to make room.

@@ -50,6 +50,7 @@ struct Counters {
     guessed_correctly: u64,
     computed_in_place: u64,
     rows_in_place: u64,
+    rereads: u64,
 }
 
 /// A guessed expert waiting for the loader, tagged with the guess it came from.
@@ -246,9 +247,11 @@ impl Inner {
     /// The lookup behind [`ExpertSource::expert`] and [`ExpertSource::experts`]: every key's
     /// weights, pinned for the caller, in the order asked. Resident keys are pinned first (so
     /// making room for the misses cannot evict them), then the misses are read one at a time.
-    /// When no room can be made, what this call pinned is released before it waits: a caller
-    /// never waits on the budget while holding experts, so callers cannot deadlock. Each key
-    /// counts once, as the hit or miss of its first resolution.
+    /// When no room can be made and no read is in flight, what this call pinned is released
+    /// before it waits: a caller holds experts while it waits only for reads in flight, which
+    /// land without needing anything, so callers cannot deadlock. Each key
+    /// counts once, as the hit or miss of its first resolution; reading it again after letting
+    /// it go counts as a reread.
     fn acquire(&self, keys: &[ExpertKey]) -> Result<Vec<Arc<ExpertWeights>>> {
         let needs = keys
             .iter()
@@ -292,7 +295,9 @@ impl Inner {
                     // Being read (by the loader or another caller): it lands without needing
                     // more room, so waiting while holding the others is safe.
                 } else if self.make_room(&mut s, needs[i], Reader::Demand) {
-                    if !counted[i] {
+                    if counted[i] {
+                        s.counters.rereads += 1;
+                    } else {
                         counted[i] = true;
                         s.counters.misses += 1;
                     }
@@ -301,6 +306,9 @@ impl Inner {
                     s = guard;
                     held[i] = Some(result?);
                     continue;
+                } else if !s.in_flight.is_empty() {
+                    // No room yet, but reads in flight land without needing more: once landed
+                    // they can be evicted (or free their extra bytes), so wait holding ours.
                 } else {
                     // No room until experts in use are released: release ours, then wait.
                     drop(held);
@@ -514,6 +522,7 @@ impl TieredExperts {
             guess_accuracy: ratio(c.guessed_correctly, c.guessed_layer_experts),
             computed_in_place: c.computed_in_place,
             rows_in_place: c.rows_in_place,
+            rereads: c.rereads,
             layer_usage: s
                 .usage
                 .iter()
