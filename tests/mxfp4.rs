@@ -131,6 +131,7 @@ fn mxfp4_checkpoint_loads_like_its_dequantized_float_twin() {
         dtype: DType::F32,
         device: dev.clone(),
         expert_source: None,
+        expert_dtype: Default::default(),
     };
     let reference = Reference::load("gpt_oss").unwrap();
     let prompt = &reference.prompts[0].input_ids;
@@ -158,6 +159,7 @@ fn mxfp4_checkpoint_loads_like_its_dequantized_float_twin() {
     ));
     let tiered = LoadOptions {
         expert_source: Some(builder.clone()),
+        expert_dtype: Default::default(),
         ..options.clone()
     };
     let from_packed_on_demand = logits_with(&packed_dir, &tiered);

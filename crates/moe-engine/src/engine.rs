@@ -34,6 +34,9 @@ pub struct EngineOptions {
     /// With a GPU device: `expert_budget` is the GPU tier's and this the host-RAM tier's under
     /// it (`--host-budget`). Refused on the CPU, where `expert_budget` is the RAM budget.
     pub host_budget: Option<ExpertBudget>,
+    /// How routed experts are held (`--expert-dtype`): the compute dtype, or int8 with per-row
+    /// scales, quantized at load (CPU with fast numerics only; a clear error otherwise).
+    pub expert_dtype: moe_kernels::ExpertDtype,
 }
 
 /// The folder of the bundled demo model: `$MOE_INFER_BUNDLED_MODEL`, else `models/tinystories-moe`
@@ -108,6 +111,7 @@ impl Engine {
             expert_source: builder
                 .clone()
                 .map(|b| b as Arc<dyn moe_models::ExpertSourceFactory>),
+            expert_dtype: options.expert_dtype,
         };
         let model = load_decoder(&dir, &load_options, options.show_progress)?;
         let expert_cache = builder.as_ref().and_then(|b| b.built());
