@@ -43,16 +43,21 @@ pub trait LowerTier: Send + Sync {
 /// on disk equal the decoded size (per-expert layout, stored in the compute dtype) decode with
 /// one copy each: raw buffers plus weights. Anything else (a dtype change, a stacked layout's
 /// fused gate/up, MXFP4's dequantized values) may hold one more decoded-size copy. Int8
-/// experts (`--expert-dtype q8`) are decoded to float first, then quantized: raw buffers, up
-/// to two float copies (the decoded weights and one matrix widened to f32 at most) and the
-/// int8 result.
+/// experts (`--expert-dtype q8`) are decoded to float that way first, then quantized into the
+/// int8 result while the float copy is alive; a compute dtype other than bf16/f32 is widened
+/// to f32 one matrix at a time (counted as one more float copy).
 pub fn transient_bytes(on_disk: &ExpertOnDisk) -> u64 {
     let disk: u64 = on_disk.tensors.iter().map(|t| t.len as u64).sum();
     let (ram, float) = (on_disk.ram_bytes as u64, on_disk.float_bytes as u64);
+    let decode = if on_disk.tensors.len() == 3 && disk == float {
+        disk + float
+    } else {
+        disk + 2 * float
+    };
     match on_disk.expert_dtype {
-        ExpertDtype::Q8 => disk + 2 * float + ram,
-        ExpertDtype::Compute if on_disk.tensors.len() == 3 && disk == ram => disk + ram,
-        ExpertDtype::Compute => disk + 2 * ram,
+        ExpertDtype::Compute => decode,
+        ExpertDtype::Q8 if on_disk.quantizes_in_place() => decode + ram,
+        ExpertDtype::Q8 => decode + ram + float,
     }
 }
 

@@ -263,6 +263,12 @@ pub struct ExpertOnDisk {
 }
 
 impl ExpertOnDisk {
+    /// Whether int8 quantization reads the decoded float matrices in place (bf16 and f32
+    /// compute dtypes) rather than widening a copy to f32 first.
+    pub fn quantizes_in_place(&self) -> bool {
+        matches!(self.dtype, DType::BF16 | DType::F32)
+    }
+
     /// Decodes the expert from the bytes of [`ExpertOnDisk::tensors`], read in that order,
     /// into its final storage ([`ExpertOnDisk::expert_dtype`]).
     pub fn decode(&self, bytes: &[Vec<u8>]) -> Result<ExpertWeights> {
