@@ -9,8 +9,8 @@ use candle_core::{DType, Device};
 use moe_cache::{ExpertBudget, PolicyKind};
 use moe_engine::{Engine, EngineOptions, ExpertDtype, GenerateRequest, Prompt, SamplingParams};
 use moe_kernels::cpu::{set_numerics, Numerics};
-use moe_models::{load_decoder, DecoderModel, ForwardContext, LoadOptions, LogitsWanted};
 use moe_models::SequenceInput;
+use moe_models::{load_decoder, DecoderModel, ForwardContext, LoadOptions, LogitsWanted};
 use moe_tests::{argmax, fixture_dir, max_abs_diff, Reference};
 
 /// Fixtures covering every float expert layout — per-expert `gate_proj/up_proj/down_proj`
@@ -45,7 +45,9 @@ fn step(model: &DecoderModel, cache: &mut moe_models::KvCache, tokens: &[u32]) -
         cache,
         logits: LogitsWanted::All,
     }];
-    let logits = model.forward(&mut batch, ForwardContext::default()).unwrap();
+    let logits = model
+        .forward(&mut batch, ForwardContext::default())
+        .unwrap();
     logits[0].to_vec2::<f32>().unwrap()
 }
 
@@ -163,7 +165,8 @@ fn q8_expert_cache_at_half_budget_matches_resident_q8() {
             s.expert_bytes_total, resident_bytes,
             "{name}: the cache's total is the resident int8 bytes"
         );
-        let n_experts: u64 = reference.moe_layers.len() as u64 * resident.summary().n_experts as u64;
+        let n_experts: u64 =
+            reference.moe_layers.len() as u64 * resident.summary().n_experts as u64;
         assert_eq!(
             s.resident_bytes,
             s.resident_experts as u64 * (resident_bytes / n_experts),

@@ -68,7 +68,11 @@ impl ExpertWeights {
             .chain(self.gate_bias.as_ref())
             .chain(self.up_bias.as_ref())
             .chain(self.down_bias.as_ref())
-            .chain(self.q8_scales.iter().flat_map(|s| [&s.gate, &s.up, &s.down]))
+            .chain(
+                self.q8_scales
+                    .iter()
+                    .flat_map(|s| [&s.gate, &s.up, &s.down]),
+            )
     }
 
     /// Bytes the matrices, biases and scales take (what an expert cache budgets).

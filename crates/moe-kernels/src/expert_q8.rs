@@ -212,7 +212,8 @@ mod tests {
         let q = w.quantize_q8().unwrap();
         assert!(q.is_q8() && q.gate.dtype() == DType::U8);
         let q8 = ExpertDtype::Q8;
-        let want = 2 * q8.matrix_bytes(i, h, DType::F32) + q8.matrix_bytes(h, i, DType::F32) + 4 * h;
+        let want =
+            2 * q8.matrix_bytes(i, h, DType::F32) + q8.matrix_bytes(h, i, DType::F32) + 4 * h;
         assert_eq!(q.n_bytes(), want);
         let back = q.dequantized(DType::F32).unwrap();
         assert!(!back.is_q8());
@@ -235,8 +236,17 @@ mod tests {
             }
         }
         // An all-zero row dequantizes to zeros.
-        assert!(back.up.to_vec2::<f32>().unwrap().iter().flatten().all(|&v| v == 0.0));
-        assert!(q.quantize_q8().unwrap().is_q8(), "quantizing twice is a no-op");
+        assert!(back
+            .up
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .flatten()
+            .all(|&v| v == 0.0));
+        assert!(
+            q.quantize_q8().unwrap().is_q8(),
+            "quantizing twice is a no-op"
+        );
     }
 
     #[test]

@@ -358,7 +358,8 @@ impl ExpertLayerLayout {
         let block = &self.block;
         let (dtype, elem) = (block.dtype(), block.dtype().size_in_bytes());
         // The three matrices in their final storage, the biases (never quantized) as loaded.
-        let matrices = |x: ExpertDtype| 2 * x.matrix_bytes(i, h, dtype) + x.matrix_bytes(h, i, dtype);
+        let matrices =
+            |x: ExpertDtype| 2 * x.matrix_bytes(i, h, dtype) + x.matrix_bytes(h, i, dtype);
         let on_disk = |tensors: Vec<TensorLocation>, bias_elems: usize| ExpertOnDisk {
             tensors,
             ram_bytes: matrices(self.expert_dtype) + bias_elems * elem,

@@ -60,9 +60,17 @@ fn project<W: WeightElem, S: Sink>(
     sink: &S,
 ) {
     match scales {
-        Some(scales) => {
-            matmul_nt_cols(x, rows, k, w, cols, &ScaledSink { inner: sink, scales })
-        }
+        Some(scales) => matmul_nt_cols(
+            x,
+            rows,
+            k,
+            w,
+            cols,
+            &ScaledSink {
+                inner: sink,
+                scales,
+            },
+        ),
         None => matmul_nt_cols(x, rows, k, w, cols, sink),
     }
 }
@@ -134,9 +142,25 @@ pub fn grouped_expert_ffn<W: WeightElem>(
             let cols = c * chunk..((c + 1) * chunk).min(inter);
             let scales = w.scales.map(|[g, u, _]| (g, u));
             let g_sink = StoreSink::new(&gate_s, inter, slots.start, w.gate_bias);
-            project(xe, rows, h, w.gate, cols.clone(), scales.map(|s| s.0), &g_sink);
+            project(
+                xe,
+                rows,
+                h,
+                w.gate,
+                cols.clone(),
+                scales.map(|s| s.0),
+                &g_sink,
+            );
             let u_sink = StoreSink::new(&up_s, inter, slots.start, w.up_bias);
-            project(xe, rows, h, w.up, cols.clone(), scales.map(|s| s.1), &u_sink);
+            project(
+                xe,
+                rows,
+                h,
+                w.up,
+                cols.clone(),
+                scales.map(|s| s.1),
+                &u_sink,
+            );
             for slot in slots {
                 for col in cols.clone() {
                     let idx = slot * inter + col;
@@ -177,7 +201,15 @@ pub fn grouped_expert_ffn<W: WeightElem>(
             };
             let he = &hidden_act[slots.start * inter..slots.end * inter];
             let scales = experts[i].scales.map(|[_, _, d]| d);
-            project(he, slots.len(), inter, experts[i].down, cols.clone(), scales, &sink);
+            project(
+                he,
+                slots.len(),
+                inter,
+                experts[i].down,
+                cols.clone(),
+                scales,
+                &sink,
+            );
         }
     });
 }

@@ -169,10 +169,16 @@ pub fn fast_grouped_experts_in_waves<W: Borrow<ExpertWeights>>(
         };
         let (x, out) = (&xv[..], &mut out[..]);
         let applied = match weights[0].borrow().gate.dtype() {
-            DType::BF16 => grouped_typed::<bf16, _, _>(x, hidden, groups, &weights, activation, out, |w| w)?,
-            DType::F32 => grouped_typed::<f32, _, _>(x, hidden, groups, &weights, activation, out, |w| w)?,
+            DType::BF16 => {
+                grouped_typed::<bf16, _, _>(x, hidden, groups, &weights, activation, out, |w| w)?
+            }
+            DType::F32 => {
+                grouped_typed::<f32, _, _>(x, hidden, groups, &weights, activation, out, |w| w)?
+            }
             // int8 experts: the bit patterns of a U8 tensor, with per-row scales.
-            DType::U8 => grouped_typed::<u8, _, _>(x, hidden, groups, &weights, activation, out, as_i8)?,
+            DType::U8 => {
+                grouped_typed::<u8, _, _>(x, hidden, groups, &weights, activation, out, as_i8)?
+            }
             _ => false,
         };
         if !applied {
