@@ -28,6 +28,7 @@ fn check_batch_invariance(name: &str) -> f32 {
             dtype: DType::F32,
             device: Device::Cpu,
             expert_source: None,
+            expert_dtype: Default::default(),
         },
         false,
     )

@@ -284,6 +284,7 @@ fn lookups_are_the_routed_experts() {
             dtype: DType::F32,
             device: Device::Cpu,
             expert_source: Some(builder.clone()),
+            expert_dtype: Default::default(),
         };
         let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
         let cache = builder.built().unwrap();
@@ -528,6 +529,7 @@ fn missed_experts_with_few_rows_are_computed_on_the_host() {
             dtype: DType::F32,
             device: Device::Cpu,
             expert_source: Some(builder.clone()),
+            expert_dtype: Default::default(),
         };
         let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
         for p in &reference.prompts {
@@ -587,6 +589,7 @@ fn device_tier_over_host_tier() {
             dtype: DType::F32,
             device: Device::Cpu,
             expert_source: Some(builder.clone()),
+            expert_dtype: Default::default(),
         };
         let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
         let (upper, host) = (builder.built().unwrap(), builder.built_host().unwrap());

@@ -28,6 +28,7 @@ fn fixtures_match_transformers_on_cuda() {
             dtype: DType::F32,
             device: device.clone(),
             expert_source: None,
+            expert_dtype: Default::default(),
         };
         let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
         for (p, prompt) in reference.prompts.iter().enumerate() {

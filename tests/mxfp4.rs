@@ -1,7 +1,8 @@
 //! GPT-OSS as released stores its experts in MXFP4. This quantizes the `gpt_oss` fixture's
 //! experts, writes them packed (`*_blocks` + `*_scales`, `quantization_config.quant_method:
 //! mxfp4`) and, next to it, as float tensors dequantized by the format's definition, then
-//! checks that both checkpoints load to the same model: identical logits.
+//! checks that both checkpoints load to the same model: identical logits (also with int8
+//! experts, resident or through the expert cache).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moe_cache::{ExpertBudget, PolicyKind, TieredExpertsBuilder};
+use moe_kernels::ExpertDtype;
 use moe_models::{load_decoder, ForwardContext, LoadOptions, LogitsWanted, SequenceInput};
 use moe_tests::{fixture_dir, Reference};
 
@@ -131,6 +133,7 @@ fn mxfp4_checkpoint_loads_like_its_dequantized_float_twin() {
         dtype: DType::F32,
         device: dev.clone(),
         expert_source: None,
+        expert_dtype: Default::default(),
     };
     let reference = Reference::load("gpt_oss").unwrap();
     let prompt = &reference.prompts[0].input_ids;
@@ -158,13 +161,35 @@ fn mxfp4_checkpoint_loads_like_its_dequantized_float_twin() {
     ));
     let tiered = LoadOptions {
         expert_source: Some(builder.clone()),
+        expert_dtype: Default::default(),
         ..options.clone()
     };
     let from_packed_on_demand = logits_with(&packed_dir, &tiered);
+    // Int8 experts (`--expert-dtype q8`) quantize the MXFP4-dequantized values: the same model
+    // from either checkpoint, resident or read on demand by the expert cache.
+    let q8 = LoadOptions {
+        expert_dtype: ExpertDtype::Q8,
+        ..options.clone()
+    };
+    let q8_packed = logits_with(&packed_dir, &q8);
+    let q8_float = logits_with(&float_dir, &q8);
+    let q8_on_demand = logits_with(
+        &packed_dir,
+        &LoadOptions {
+            expert_source: Some(Arc::new(TieredExpertsBuilder::new(
+                ExpertBudget::Percent(100.0),
+                PolicyKind::Lru,
+            ))),
+            ..q8.clone()
+        },
+    );
     let stats = builder.built().unwrap().stats();
     std::fs::remove_dir_all(&root).ok();
     assert_eq!(from_packed, from_float);
     assert_eq!(from_packed_on_demand, from_packed);
+    assert_eq!(q8_float, q8_packed);
+    assert_eq!(q8_on_demand, q8_packed);
+    assert_ne!(q8_packed, from_packed, "the q8 model is quantized");
     assert!(stats.evictions > 0 && stats.peak_bytes <= stats.budget_bytes);
     // MXFP4 on disk is under a quarter of f32 in RAM: the bytes read are the packed ones.
     let n_experts: usize = stats.layer_usage.iter().map(|l| l.counts.len()).sum();

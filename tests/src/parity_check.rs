@@ -45,6 +45,7 @@ fn load(name: &str, reference: &Reference) -> DecoderModel {
         dtype,
         device: Device::Cpu,
         expert_source: None,
+        expert_dtype: Default::default(),
     };
     load_decoder(&fixture_dir(name), &options, false).unwrap_or_else(|e| panic!("{name}: {e}"))
 }

@@ -11,13 +11,14 @@ use moe_core::Error;
 pub enum ExpertBudget {
     /// An absolute number of bytes.
     Bytes(u64),
-    /// A percentage (0 < p ≤ 100) of the bytes of all routed experts in the compute dtype.
+    /// A percentage (0 < p ≤ 100) of the bytes of all routed experts as held in RAM (the
+    /// compute dtype, or int8 with `--expert-dtype q8`).
     Percent(f64),
 }
 
 impl ExpertBudget {
-    /// The budget in bytes for a model whose routed experts take `total_expert_bytes` in the
-    /// compute dtype (a percentage rounds down).
+    /// The budget in bytes for a model whose routed experts take `total_expert_bytes` in RAM
+    /// (a percentage rounds down).
     pub fn resolve(&self, total_expert_bytes: u64) -> u64 {
         match *self {
             ExpertBudget::Bytes(b) => b,

@@ -20,7 +20,7 @@ pub struct ExpertCacheStats {
     pub policy: String,
     /// The RAM tier's budget in bytes.
     pub budget_bytes: u64,
-    /// Bytes of all routed experts in the compute dtype.
+    /// Bytes of all routed experts as held in RAM (compute dtype, or int8 with q8 experts).
     pub expert_bytes_total: u64,
     /// The smallest budget that works: the most one expert's read reserves (raw buffers and
     /// decoded weights).

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use moe_core::{Error, ExpertKey, Result};
-use moe_kernels::ExpertWeights;
+use moe_kernels::{ExpertDtype, ExpertWeights};
 use moe_models::{ExpertLayerLayout, ExpertOnDisk, ExpertSource};
 
 use crate::placement::ExpertCost;
@@ -50,14 +50,22 @@ pub trait LowerTier: Send + Sync {
 /// Bytes one expert may take while it is read and decoded. Three float tensors whose bytes
 /// on disk equal the decoded size (per-expert layout, stored in the compute dtype) decode with
 /// one copy each: raw buffers plus weights. Anything else (a dtype change, a stacked layout's
-/// fused gate/up, MXFP4's dequantized values) may hold one more decoded-size copy.
+/// fused gate/up, MXFP4's dequantized values) may hold one more decoded-size copy. Int8
+/// experts (`--expert-dtype q8`) are decoded to float that way first, then quantized into the
+/// int8 result while the float copy is alive; a compute dtype other than bf16/f32 is widened
+/// to f32 one matrix at a time (counted as one more float copy).
 pub fn transient_bytes(on_disk: &ExpertOnDisk) -> u64 {
     let disk: u64 = on_disk.tensors.iter().map(|t| t.len as u64).sum();
-    let ram = on_disk.ram_bytes as u64;
-    if on_disk.tensors.len() == 3 && disk == ram {
-        disk + ram
+    let (ram, float) = (on_disk.ram_bytes as u64, on_disk.float_bytes as u64);
+    let decode = if on_disk.tensors.len() == 3 && disk == float {
+        disk + float
     } else {
-        disk + 2 * ram
+        disk + 2 * float
+    };
+    match on_disk.expert_dtype {
+        ExpertDtype::Compute => decode,
+        ExpertDtype::Q8 if on_disk.quantizes_in_place() => decode + ram,
+        ExpertDtype::Q8 => decode + ram + float,
     }
 }
 
@@ -190,8 +198,8 @@ impl LowerTier for DiskTier {
         let on_disk = self.on_disk(key)?;
         let (hidden, intermediate) = on_disk.shape();
         let weight_bytes = on_disk.ram_bytes as u64;
-        // The decoded weights' element size is the activations' (the compute dtype).
-        let elem = (on_disk.ram_bytes / (3 * hidden * intermediate).max(1)).max(1);
+        // The float weights' element size is the activations' (the compute dtype).
+        let elem = (on_disk.float_bytes / (3 * hidden * intermediate).max(1)).max(1);
         Ok(ExpertCost::gated_ffn(
             hidden,
             intermediate,
@@ -237,7 +245,7 @@ impl LowerTier for HostTier {
     fn load(&self, key: ExpertKey) -> Result<Loaded> {
         let host = self.host.expert(key)?;
         let start = Instant::now();
-        let copy = |t: &candle_core::Tensor| -> Result<candle_core::Tensor> {
+        let weights: ExpertWeights = host.try_map(|t| {
             // `to_device` to the same device shares storage: force an owned copy so the upper
             // tier's bytes are its own.
             Ok(if t.device().same_device(&self.device) {
@@ -245,16 +253,7 @@ impl LowerTier for HostTier {
             } else {
                 t.to_device(&self.device)?
             })
-        };
-        let opt = |t: &Option<candle_core::Tensor>| t.as_ref().map(copy).transpose();
-        let weights = ExpertWeights {
-            gate: copy(&host.gate)?,
-            up: copy(&host.up)?,
-            down: copy(&host.down)?,
-            gate_bias: opt(&host.gate_bias)?,
-            up_bias: opt(&host.up_bias)?,
-            down_bias: opt(&host.down_bias)?,
-        };
+        })?;
         Ok(Loaded {
             bytes_moved: weights.n_bytes() as u64,
             weights,

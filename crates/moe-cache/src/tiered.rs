@@ -469,7 +469,7 @@ impl TieredExperts {
         self.inner.budget
     }
 
-    /// Bytes of all routed experts in the compute dtype.
+    /// Bytes of all routed experts as held in RAM (compute dtype, or int8 with q8 experts).
     pub fn total_expert_bytes(&self) -> u64 {
         self.inner.total_bytes
     }

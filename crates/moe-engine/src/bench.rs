@@ -169,6 +169,8 @@ pub struct BenchReport {
     pub architecture: String,
     /// Compute dtype of the loaded weights.
     pub dtype: String,
+    /// How the routed experts are held: `q8` or the compute dtype.
+    pub expert_dtype: String,
     /// Device the model runs on.
     pub device: String,
     /// `RAYON_NUM_THREADS` if set, else the available parallelism.
@@ -319,6 +321,7 @@ pub fn run_bench(
         model: engine.model_dir().display().to_string(),
         architecture: engine.summary().architecture.clone(),
         dtype: format!("{:?}", engine.model().dtype()).to_lowercase(),
+        expert_dtype: engine.summary().expert_dtype.clone(),
         device: format!("{:?}", engine.model().device().location()).to_lowercase(),
         threads: std::env::var("RAYON_NUM_THREADS")
             .ok()
@@ -373,8 +376,9 @@ fn decode_rates(responses: &[GenerateResponse]) -> (f64, f64) {
 /// Bytes of weights one batch-1 decode token reads, in the dtype `dtype` the weights are held
 /// in: every non-embedding weight (attention, norms, router, shared experts, dense MLPs,
 /// lm_head) + `top_k / n_experts` of the routed experts + one embedding row. With a tied
-/// lm_head the embedding table is read whole as the head. Quantized expert storage is not
-/// modelled: the count assumes every weight is held in `dtype`.
+/// lm_head the embedding table is read whole as the head. Int8 experts (`expert_dtype` `q8`
+/// in the summary) count one byte per routed parameter (their per-row scales, 4 bytes per
+/// row of thousands, are left out); everything else is held in `dtype`.
 pub fn decode_weight_bytes_per_token(
     summary: &ModelSummary,
     hparams: &DecoderHParams,
@@ -390,7 +394,13 @@ pub fn decode_weight_bytes_per_token(
         .params_active
         .saturating_sub(untied_embedding)
         .saturating_add(hparams.hidden_size as u64);
-    params * dtype.size_in_bytes() as u64
+    let elem = dtype.size_in_bytes() as u64;
+    if summary.expert_dtype == "q8" {
+        let routed = summary.params_active_routed.min(params);
+        (params - routed) * elem + routed
+    } else {
+        params * elem
+    }
 }
 
 /// Read bandwidth of main memory in GB/s (10^9 bytes): the best of eight passes of `threads`

@@ -39,6 +39,9 @@ pub struct EngineOptions {
     /// Whether the expert cache's disk tier drops the experts' file pages from the kernel's
     /// page cache (the default: the budget is then all the RAM experts take) or keeps them.
     pub expert_page_cache: PageCache,
+    /// How routed experts are held (`--expert-dtype`): the compute dtype, or int8 with per-row
+    /// scales, quantized at load (CPU with fast numerics only; a clear error otherwise).
+    pub expert_dtype: moe_kernels::ExpertDtype,
 }
 
 /// The folder of the bundled demo model: `$MOE_INFER_BUNDLED_MODEL`, else `models/tinystories-moe`
@@ -117,6 +120,7 @@ impl Engine {
             expert_source: builder
                 .clone()
                 .map(|b| b as Arc<dyn moe_models::ExpertSourceFactory>),
+            expert_dtype: options.expert_dtype,
         };
         let model = load_decoder(&dir, &load_options, options.show_progress)?;
         let expert_cache = builder.as_ref().and_then(|b| b.built());

@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 
 use moe_engine::{
-    ChatMessage, DeviceChoice, DtypeChoice, Engine, EngineOptions, ExpertBudget, GenerateRequest,
-    PageCache, PolicyKind, Prompt, SamplingParams,
+    ChatMessage, DeviceChoice, DtypeChoice, Engine, EngineOptions, ExpertBudget, ExpertDtype,
+    GenerateRequest, PageCache, PolicyKind, Prompt, SamplingParams,
 };
 
 /// mimalloc keeps freed activation buffers for reuse; glibc's malloc returns large ones to the
@@ -72,6 +72,10 @@ struct ModelArgs {
     /// bit-for-bit as transformers on the CPU, slower). Default: fast, or MOE_NUMERICS.
     #[arg(long)]
     numerics: Option<String>,
+    /// Routed experts' storage: auto (the compute dtype) or q8 (int8 with one f32 scale per
+    /// output row, quantized at load; CPU and fast numerics only).
+    #[arg(long, default_value = "auto")]
+    expert_dtype: String,
 }
 
 impl ModelArgs {
@@ -80,6 +84,7 @@ impl ModelArgs {
             moe_kernels::cpu::set_numerics(numerics.parse::<moe_kernels::cpu::Numerics>()?);
         }
         let options = EngineOptions {
+            expert_dtype: self.expert_dtype.parse::<ExpertDtype>()?,
             model: self.model.clone(),
             device: self.device.parse::<DeviceChoice>()?,
             dtype: self.dtype.parse::<DtypeChoice>()?,
@@ -449,6 +454,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
         gb(s.routed_expert_bytes)
     )?;
     writeln!(std::io::stdout(), "compute dtype {}", s.compute_dtype)?;
+    writeln!(std::io::stdout(), "expert dtype  {}", s.expert_dtype)?;
     Ok(())
 }
 

@@ -486,6 +486,21 @@ fn unknown_device_and_dtype() {
     );
 }
 
+/// `--expert-dtype q8` where nothing computes int8 experts (torch-exact numerics) is a one-line
+/// error saying what is unsupported; an unknown expert dtype names the choices.
+#[test]
+fn q8_experts_with_torch_exact_numerics() {
+    let dir = Path::new(FIXTURES).join("mixtral");
+    assert_error(
+        &generate(&dir, &["--expert-dtype", "q8", "--numerics", "torch-exact"]),
+        &["--expert-dtype q8 is not supported with --numerics torch-exact"],
+    );
+    assert_error(
+        &generate(&dir, &["--expert-dtype", "q4"]),
+        &["q4", "expected auto or q8"],
+    );
+}
+
 #[test]
 fn model_path_that_does_not_exist() {
     let tmp = tempfile::tempdir().unwrap();

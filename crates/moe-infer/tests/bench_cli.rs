@@ -103,3 +103,22 @@ fn budget_adds_cache_stats_and_table_prints() {
     assert!(cache["lookups"].as_u64().unwrap() > 0, "{cache}");
     assert!(cache["budget_bytes"].as_u64().unwrap() > 0);
 }
+
+/// `--expert-dtype q8`: the report and the table say the experts are int8, and the roofline
+/// counts one byte per routed-expert parameter (the f32 run's bytes less 3 of every 4 bytes of
+/// the active routed parameters).
+#[test]
+fn q8_experts_are_reported_and_counted_as_int8() {
+    let f32_report = json_of(&bench("1", &["--json"]));
+    let q8_report = json_of(&bench("1", &["--json", "--expert-dtype", "q8"]));
+    assert_eq!(f32_report["expert_dtype"], "f32");
+    assert_eq!(q8_report["expert_dtype"], "q8");
+    let model = fixture_dir("qwen3_moe").display().to_string();
+    let inspect = json_of(&moe_infer(&["inspect", "--model", &model, "--json"]));
+    let routed = inspect["params_active_routed"].as_u64().unwrap();
+    let bytes = |r: &Value| r["roofline"]["weight_bytes_per_token"].as_u64().unwrap();
+    assert_eq!(bytes(&q8_report), bytes(&f32_report) - 3 * routed);
+    let out = bench("1", &["--expert-dtype", "q8"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("experts q8"), "{table}");
+}

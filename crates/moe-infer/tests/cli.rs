@@ -233,6 +233,17 @@ fn inspect_reports_experts_and_parameter_counts() {
     assert_eq!(out["params_total"], total);
     // 2 MoE layers × (8 − 3) inactive experts × 3 matrices of 64 × 32.
     assert_eq!(out["params_active"], total - 2 * 5 * 3 * 64 * 32);
+    assert_eq!(out["params_active_routed"], 2 * 3 * 3 * 64 * 32);
+    assert_eq!(out["expert_dtype"], "f32");
+    let q8 = json_of(&moe_infer(&[
+        "inspect",
+        "--model",
+        fixture_dir("qwen2_moe").to_str().unwrap(),
+        "--expert-dtype",
+        "q8",
+        "--json",
+    ]));
+    assert_eq!(q8["expert_dtype"], "q8");
 }
 
 #[test]

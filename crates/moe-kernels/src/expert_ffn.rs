@@ -1,11 +1,12 @@
 //! The expert feed-forward: `down(act(gate(x)) * up(x))` over the rows routed to one expert.
 //! Contract: `x` is `[n_rows, hidden]` in the weights' dtype; the result is `[n_rows, hidden]`.
 //! In bf16 it rounds where torch does: after each projection, after the activation and after
-//! the product.
+//! the product. Int8 experts ([`crate::expert_q8`]) are dequantized to `x`'s dtype first.
 
 use candle_core::{DType, Tensor, D};
 use moe_core::Result;
 
+use crate::expert_q8::Q8Scales;
 use crate::matmul::{matmul_nt, SumOrder};
 
 /// The gated activation between the gate/up and down projections.
@@ -23,7 +24,10 @@ pub enum ExpertActivation {
     },
 }
 
-/// One expert's weights, as stored in HF checkpoints (`[out, in]` row-major).
+/// One expert's weights, as stored in HF checkpoints (`[out, in]` row-major): float tensors
+/// in the compute dtype, or, when [`ExpertWeights::q8_scales`] is set, int8 values (stored as
+/// `U8` tensors holding the `i8` bit patterns: candle has no `i8` dtype) with one f32 scale per
+/// output row. Code that needs float tensors calls [`ExpertWeights::dequantized`].
 #[derive(Debug, Clone)]
 pub struct ExpertWeights {
     /// `[intermediate, hidden]`
@@ -38,6 +42,9 @@ pub struct ExpertWeights {
     pub up_bias: Option<Tensor>,
     /// `[hidden]`, added after the down projection.
     pub down_bias: Option<Tensor>,
+    /// Per-row scales when `gate`, `up` and `down` are int8 (`--expert-dtype q8`); biases are
+    /// never quantized.
+    pub q8_scales: Option<Q8Scales>,
 }
 
 impl ExpertWeights {
@@ -50,18 +57,53 @@ impl ExpertWeights {
             gate_bias: None,
             up_bias: None,
             down_bias: None,
+            q8_scales: None,
         }
     }
 
-    /// Bytes the matrices and biases take.
-    pub fn n_bytes(&self) -> usize {
+    /// Every tensor the expert holds: matrices, biases, int8 scales.
+    pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
         [&self.gate, &self.up, &self.down]
             .into_iter()
             .chain(self.gate_bias.as_ref())
             .chain(self.up_bias.as_ref())
             .chain(self.down_bias.as_ref())
+            .chain(
+                self.q8_scales
+                    .iter()
+                    .flat_map(|s| [&s.gate, &s.up, &s.down]),
+            )
+    }
+
+    /// Bytes the matrices, biases and scales take (what an expert cache budgets).
+    pub fn n_bytes(&self) -> usize {
+        self.tensors()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum()
+    }
+
+    /// The same expert with `f` applied to each of its tensors (a copy to another device).
+    pub fn try_map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let opt = |t: &Option<Tensor>| t.as_ref().map(&f).transpose();
+        Ok(Self {
+            gate: f(&self.gate)?,
+            up: f(&self.up)?,
+            down: f(&self.down)?,
+            gate_bias: opt(&self.gate_bias)?,
+            up_bias: opt(&self.up_bias)?,
+            down_bias: opt(&self.down_bias)?,
+            q8_scales: self
+                .q8_scales
+                .as_ref()
+                .map(|s| {
+                    Ok::<_, moe_core::Error>(Q8Scales {
+                        gate: f(&s.gate)?,
+                        up: f(&s.up)?,
+                        down: f(&s.down)?,
+                    })
+                })
+                .transpose()?,
+        })
     }
 }
 
@@ -71,6 +113,7 @@ pub fn expert_ffn(
     weights: &ExpertWeights,
     activation: ExpertActivation,
 ) -> Result<Tensor> {
+    let weights = &*weights.dequantized(x.dtype())?;
     // [n_rows, intermediate]
     let gate = matmul_nt(
         x,
@@ -138,6 +181,7 @@ pub fn expert_ffn_reference(
     weights: &ExpertWeights,
     activation: ExpertActivation,
 ) -> Result<Tensor> {
+    let weights = &*weights.dequantized(x.dtype())?;
     let linear = |x: &Tensor, w: &Tensor| -> candle_core::Result<Tensor> {
         // [n, 1, in] * [1, out, in] -> sum over in -> [n, out]
         x.unsqueeze(1)?

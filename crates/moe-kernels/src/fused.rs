@@ -165,6 +165,11 @@ impl StackedExperts {
     /// Stacks the given experts' weights (`(expert id, weights)`, any order) into slots
     /// `0..experts.len()` for a layer of `n_experts` experts.
     pub fn stack(experts: &[(usize, &ExpertWeights)], n_experts: usize) -> Result<Self> {
+        if let Some((e, _)) = experts.iter().find(|(_, w)| w.is_q8()) {
+            return Err(moe_core::Error::InvalidRequest(format!(
+                "expert {e} is int8 (--expert-dtype q8): the stacked device kernels take float experts only"
+            )));
+        }
         let pick = |f: &dyn Fn(&ExpertWeights) -> &Tensor| -> Result<Tensor> {
             let ts: Vec<&Tensor> = experts.iter().map(|(_, w)| f(w)).collect();
             Ok(Tensor::stack(&ts, 0)?)

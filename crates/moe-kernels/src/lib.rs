@@ -1,7 +1,8 @@
 //! The MoE compute stages, each a function with a written contract: top-k routing, grouping
 //! token rows by expert, the expert FFN, and the weighted combine; every stage has a plain
 //! reference made of candle ops (`*_reference`) that tests hold the fast path to. Also the
-//! matmul, softmax and RMSNorm that round like torch's CPU kernels, for bf16 parity.
+//! matmul, softmax and RMSNorm that round like torch's CPU kernels, for bf16 parity, and the
+//! int8 form of routed experts (`expert_q8`).
 //! Knows nothing of checkpoints, architectures or where expert weights live.
 #![warn(missing_docs)]
 
@@ -13,6 +14,7 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_pool;
 pub mod expert_ffn;
+pub mod expert_q8;
 pub mod fused;
 pub mod grouping;
 pub mod matmul;
@@ -24,6 +26,7 @@ pub mod softmax;
 pub use align::{align_capacity, AlignedGroups};
 pub use combine::combine;
 pub use expert_ffn::{expert_ffn, expert_ffn_reference, ExpertActivation, ExpertWeights};
+pub use expert_q8::{ExpertDtype, Q8Scales};
 pub use fused::{MoeExperts, StackedExperts};
 pub use grouping::ExpertGroups;
 pub use matmul::{matmul_nn, matmul_nt, SumOrder};

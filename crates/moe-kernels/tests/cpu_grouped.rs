@@ -1,7 +1,8 @@
 //! The fast grouped expert FFN of `moe_kernels::cpu` against the reference pipeline (each
 //! expert with `expert_ffn_reference`, then `combine`), and its wave-by-wave form (what a
 //! budgeted expert cache makes the MoE block use) against the all-at-once call: the same sums
-//! in the same order, so bit-identical.
+//! in the same order, so bit-identical. Int8 experts (`--expert-dtype q8`) against the same
+//! experts dequantized to f32 through the reference.
 
 mod common;
 
@@ -52,11 +53,17 @@ fn reference(x: &Tensor, g: &ExpertGroups, w: &[ExpertWeights], act: ExpertActiv
         .map(|e| {
             let rows = g.rows(e).0;
             let rows = Tensor::from_slice(rows, rows.len(), &Device::Cpu).unwrap();
-            let w32 = ExpertWeights::new(
-                w[e].gate.to_dtype(DType::F32).unwrap(),
-                w[e].up.to_dtype(DType::F32).unwrap(),
-                w[e].down.to_dtype(DType::F32).unwrap(),
-            );
+            let f32_bias = |b: &Option<Tensor>| b.as_ref().map(|b| b.to_dtype(DType::F32).unwrap());
+            let w32 = ExpertWeights {
+                gate_bias: f32_bias(&w[e].gate_bias),
+                up_bias: f32_bias(&w[e].up_bias),
+                down_bias: f32_bias(&w[e].down_bias),
+                ..ExpertWeights::new(
+                    w[e].gate.to_dtype(DType::F32).unwrap(),
+                    w[e].up.to_dtype(DType::F32).unwrap(),
+                    w[e].down.to_dtype(DType::F32).unwrap(),
+                )
+            };
             expert_ffn_reference(&x32.index_select(&rows, 0).unwrap(), &w32, act).unwrap()
         })
         .collect();
@@ -147,6 +154,77 @@ fn grouped_ffn_matches_the_reference_and_waves_match_one_call() {
                         "every active expert fetched once, in order"
                     );
                     assert_eq!(values(&waves), got, "{dtype:?} waves of {wave} differ");
+                }
+            }
+        }
+    }
+}
+
+/// Int8 experts with per-row scales (and biases, so the scale must come before them) through
+/// the grouped kernel vs the same experts dequantized to f32 (`scale × value`) through the
+/// reference: the kernel scales each finished dot product instead of each weight, so only the
+/// summation order and that one rounding differ (1e-5 relative, as f32). Waves are
+/// bit-identical to one call; the int8 result stays near the unquantized experts' (loose bound:
+/// a wrong scale moves it by whole units).
+#[test]
+fn q8_grouped_ffn_matches_the_dequantized_reference() {
+    let mut rng = Rng::new("q8_grouped_ffn");
+    for dtype in [DType::F32, DType::BF16] {
+        for act in [
+            ExpertActivation::SiluGlu,
+            ExpertActivation::ClampedSwiGlu {
+                alpha: 1.702,
+                limit: 7.0,
+            },
+        ] {
+            for c in &CASES {
+                let x = tensor(&mut rng, &[c.n_tokens, c.hidden], dtype);
+                let float: Vec<ExpertWeights> = experts(&mut rng, c, DType::F32)
+                    .into_iter()
+                    .map(|w| ExpertWeights {
+                        gate_bias: Some(tensor(&mut rng, &[c.intermediate], DType::F32)),
+                        up_bias: Some(tensor(&mut rng, &[c.intermediate], DType::F32)),
+                        down_bias: Some(tensor(&mut rng, &[c.hidden], DType::F32)),
+                        ..w
+                    })
+                    .collect();
+                let q8: Vec<ExpertWeights> =
+                    float.iter().map(|w| w.quantize_q8().unwrap()).collect();
+                let dequantized: Vec<ExpertWeights> = q8
+                    .iter()
+                    .map(|w| w.dequantized(DType::F32).unwrap().into_owned())
+                    .collect();
+                let g = groups(&mut rng, c);
+                let active: Vec<usize> = g.active_experts().collect();
+                let picked: Vec<&ExpertWeights> = active.iter().map(|&e| &q8[e]).collect();
+                let all = fast_grouped_experts(&x, &g, &picked, act)
+                    .unwrap()
+                    .expect("applies to int8 experts");
+                assert_eq!(all.dtype(), dtype);
+                let got = values(&all);
+                let want = values(&reference(&x, &g, &dequantized, act));
+                let unquantized = values(&reference(&x, &g, &float, act));
+                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let tol = if dtype == DType::F32 { 1e-5 } else { 8e-3 } * scale;
+                for (i, ((a, b), f)) in got.iter().zip(&want).zip(&unquantized).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{dtype:?} {act:?} tokens {} experts {}: element {i}: {a} vs {b}",
+                        c.n_tokens,
+                        c.n_experts
+                    );
+                    assert!(
+                        (a - f).abs() <= 0.1 * scale,
+                        "int8 far from float at {i}: {a} vs {f}"
+                    );
+                }
+                for wave in [1, 2, 3] {
+                    let waves = fast_grouped_experts_in_waves(&x, &g, &active, wave, act, |ids| {
+                        Ok(ids.iter().map(|&e| &q8[e]).collect())
+                    })
+                    .unwrap()
+                    .expect("applies");
+                    assert_eq!(values(&waves), got, "int8 waves of {wave} differ");
                 }
             }
         }

@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
         dtype,
         device: Device::Cpu,
         expert_source: None,
+        expert_dtype: Default::default(),
     };
     let model = load_decoder(&dir, &options, false)?;
     eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());

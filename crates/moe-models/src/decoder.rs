@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moe_core::{Error, Result, RoutingSpec};
-use moe_kernels::ExpertActivation;
+use moe_kernels::cpu::{numerics, Numerics};
+use moe_kernels::{ExpertActivation, ExpertDtype};
 use moe_loader::TensorLookup;
 
 use crate::blocks::attention::{Attention, AttentionConfig, SequenceSlot};
@@ -290,6 +291,25 @@ fn load_router(block: &TensorLookup, moe: &MoeRecipe, hidden: usize) -> Result<L
     }
 }
 
+/// Refuses int8 experts where nothing computes them: they run only on the CPU's grouped
+/// expert kernel, which torch-exact numerics bypass.
+fn check_expert_dtype(options: &LoadOptions) -> Result<()> {
+    if options.expert_dtype != ExpertDtype::Q8 {
+        return Ok(());
+    }
+    if !options.device.is_cpu() {
+        return Err(Error::InvalidRequest(
+            "--expert-dtype q8 is not supported on CUDA: int8 experts run on the CPU's grouped expert kernel only (use --device cpu or drop --expert-dtype)".into(),
+        ));
+    }
+    if numerics() == Numerics::TorchExact {
+        return Err(Error::InvalidRequest(
+            "--expert-dtype q8 is not supported with --numerics torch-exact: int8 experts are not torch's numerics (use --numerics fast or drop --expert-dtype)".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl DecoderModel {
     /// Builds the model from a recipe, reading every tensor through `lookup`.
     pub fn build(
@@ -299,6 +319,7 @@ impl DecoderModel {
     ) -> Result<Self> {
         let hp = recipe.hparams.clone();
         let h = hp.hidden_size;
+        check_expert_dtype(options)?;
         let model = lookup.pp("model");
         let embed = model.get("embed_tokens.weight", &[hp.vocab_size, h])?;
         let mut layouts = Vec::new();
@@ -312,6 +333,7 @@ impl DecoderModel {
                     intermediate: moe.intermediate,
                     layout: moe.experts,
                     top_k: moe.routing.top_k,
+                    expert_dtype: options.expert_dtype,
                 });
             }
         }
@@ -416,6 +438,7 @@ impl DecoderModel {
             &recipe.facts,
             lookup.checkpoint(),
             options.dtype,
+            options.expert_dtype,
         );
         Ok(Self {
             hparams: hp,

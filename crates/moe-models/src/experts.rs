@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moe_core::{Error, ExpertKey, Result};
-use moe_kernels::ExpertWeights;
+use moe_kernels::{ExpertDtype, ExpertWeights};
 use moe_loader::{TensorLocation, TensorLookup};
 
 /// Checkpoint names of one expert's three projections, relative to the expert's prefix
@@ -215,6 +215,7 @@ impl StackedExperts {
                     gate_bias,
                     up_bias,
                     down_bias: down_bias.map(|b| b.get(x)?.contiguous()).transpose()?,
+                    q8_scales: None,
                 })
             })
             .collect()
@@ -241,13 +242,19 @@ impl ExpertLayout {
 
 /// Where one routed expert lies on disk and how its bytes become [`ExpertWeights`]: what a
 /// source that reads experts on demand (the tiered expert cache) needs, without knowing
-/// checkpoint names or layouts. Decoding gives exactly what [`ExpertLayout::load`] gives.
+/// checkpoint names or layouts. Decoding gives exactly what [`ExpertLayerLayout::load`] gives
+/// (int8-quantized the same way with `--expert-dtype q8`).
 #[derive(Debug, Clone)]
 pub struct ExpertOnDisk {
     /// The byte ranges to read, in the order [`ExpertOnDisk::decode`] takes them.
     pub tensors: Vec<TensorLocation>,
-    /// Bytes of the decoded weights ([`ExpertWeights::n_bytes`]).
+    /// Bytes of the decoded weights ([`ExpertWeights::n_bytes`]), in their final storage.
     pub ram_bytes: usize,
+    /// Bytes the decoded weights take in the compute dtype, before any int8 quantization
+    /// (equal to `ram_bytes` without it): decoding holds them transiently.
+    pub float_bytes: usize,
+    /// How the decoded matrices are stored.
+    pub expert_dtype: ExpertDtype,
     layout: ExpertLayout,
     hidden: usize,
     intermediate: usize,
@@ -261,8 +268,20 @@ impl ExpertOnDisk {
         (self.hidden, self.intermediate)
     }
 
-    /// Decodes the expert from the bytes of [`ExpertOnDisk::tensors`], read in that order.
+    /// Whether int8 quantization reads the decoded float matrices in place (bf16 and f32
+    /// compute dtypes) rather than widening a copy to f32 first.
+    pub fn quantizes_in_place(&self) -> bool {
+        matches!(self.dtype, DType::BF16 | DType::F32)
+    }
+
+    /// Decodes the expert from the bytes of [`ExpertOnDisk::tensors`], read in that order,
+    /// into its final storage ([`ExpertOnDisk::expert_dtype`]).
     pub fn decode(&self, bytes: &[Vec<u8>]) -> Result<ExpertWeights> {
+        self.expert_dtype.apply(self.decode_float(bytes)?)
+    }
+
+    /// The decoded expert in the compute dtype.
+    fn decode_float(&self, bytes: &[Vec<u8>]) -> Result<ExpertWeights> {
         if bytes.len() != self.tensors.len() {
             return Err(Error::InvalidRequest(format!(
                 "expert decode: {} buffers for {} tensors",
@@ -327,14 +346,30 @@ impl ExpertOnDisk {
 }
 
 impl ExpertLayerLayout {
+    /// Every expert of this layer, read and converted to [`ExpertLayerLayout::expert_dtype`]
+    /// (what [`ExpertOnDisk::decode`] gives for each of them). With int8 experts one layer's
+    /// float copies are held while it is quantized, then dropped.
+    pub fn load(&self) -> Result<Vec<ExpertWeights>> {
+        self.layout
+            .load(&self.block, self.n_experts, self.hidden, self.intermediate)?
+            .into_iter()
+            .map(|w| self.expert_dtype.apply(w))
+            .collect()
+    }
+
     /// Where each expert of this layer lies on disk (shape-checked; nothing is read).
     pub fn experts_on_disk(&self) -> Result<Vec<ExpertOnDisk>> {
         let (e, h, i) = (self.n_experts, self.hidden, self.intermediate);
         let block = &self.block;
-        let elem = block.dtype().size_in_bytes();
-        let on_disk = |tensors: Vec<TensorLocation>, ram_elems: usize| ExpertOnDisk {
+        let (dtype, elem) = (block.dtype(), block.dtype().size_in_bytes());
+        // The three matrices in their final storage, the biases (never quantized) as loaded.
+        let matrices =
+            |x: ExpertDtype| 2 * x.matrix_bytes(i, h, dtype) + x.matrix_bytes(h, i, dtype);
+        let on_disk = |tensors: Vec<TensorLocation>, bias_elems: usize| ExpertOnDisk {
             tensors,
-            ram_bytes: ram_elems * elem,
+            ram_bytes: matrices(self.expert_dtype) + bias_elems * elem,
+            float_bytes: matrices(ExpertDtype::Compute) + bias_elems * elem,
+            expert_dtype: self.expert_dtype,
             layout: self.layout,
             hidden: h,
             intermediate: i,
@@ -351,7 +386,7 @@ impl ExpertLayerLayout {
                             lookup.location(&format!("{}.weight", names.up), &[i, h])?,
                             lookup.location(&format!("{}.weight", names.down), &[h, i])?,
                         ],
-                        3 * h * i,
+                        0,
                     ))
                 })
                 .collect(),
@@ -400,14 +435,14 @@ impl ExpertLayerLayout {
                         v
                     }
                 };
-                let mut ram_elems = 3 * h * i;
+                let mut bias_elems = 0;
                 if let Some(b) = stacked.gate_up_bias {
                     whole.push(block.location(b, &[e, 2 * i])?);
-                    ram_elems += 2 * i;
+                    bias_elems += 2 * i;
                 }
                 if let Some(b) = stacked.down_bias {
                     whole.push(block.location(b, &[e, h])?);
-                    ram_elems += h;
+                    bias_elems += h;
                 }
                 (0..e)
                     .map(|x| {
@@ -415,7 +450,7 @@ impl ExpertLayerLayout {
                             .iter()
                             .map(|t| t.slice_first(x, e))
                             .collect::<Result<Vec<_>>>()?;
-                        Ok(on_disk(tensors, ram_elems))
+                        Ok(on_disk(tensors, bias_elems))
                     })
                     .collect()
             }
@@ -504,6 +539,8 @@ pub struct ExpertLayerLayout {
     pub layout: ExpertLayout,
     /// Experts each token is routed to (the layer's per-token working set).
     pub top_k: usize,
+    /// How the experts are held once loaded (`--expert-dtype`).
+    pub expert_dtype: ExpertDtype,
 }
 
 /// Builds the [`ExpertSource`] of a model at load, from where each MoE layer's experts are.
@@ -523,17 +560,7 @@ impl ResidentExperts {
     pub fn load(n_layers: usize, layouts: &[ExpertLayerLayout]) -> Result<Self> {
         let mut layers = vec![Vec::new(); n_layers];
         for layout in layouts {
-            layers[layout.layer] = layout
-                .layout
-                .load(
-                    &layout.block,
-                    layout.n_experts,
-                    layout.hidden,
-                    layout.intermediate,
-                )?
-                .into_iter()
-                .map(Arc::new)
-                .collect();
+            layers[layout.layer] = layout.load()?.into_iter().map(Arc::new).collect();
         }
         Ok(Self { layers })
     }

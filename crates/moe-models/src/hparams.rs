@@ -18,6 +18,9 @@ pub struct LoadOptions {
     /// Builds the routed experts' source (the tiered expert cache); `None`: every expert is
     /// loaded resident.
     pub expert_source: Option<std::sync::Arc<dyn crate::experts::ExpertSourceFactory>>,
+    /// How routed experts are stored: the compute dtype, or int8 with per-row scales
+    /// (`--expert-dtype q8`: CPU and fast numerics only, refused otherwise at load).
+    pub expert_dtype: moe_kernels::ExpertDtype,
 }
 
 /// Largest context window accepted (the rotary tables cover every position up front).

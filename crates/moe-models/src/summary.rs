@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::DType;
+use moe_kernels::ExpertDtype;
 use moe_loader::Checkpoint;
 
 use crate::decoder::FfnRecipe;
@@ -44,6 +45,11 @@ pub struct ModelSummary {
     pub checkpoint_bytes_by_dtype: BTreeMap<String, u64>,
     /// Compute dtype chosen at load.
     pub compute_dtype: String,
+    /// How routed experts are held: `q8` (int8, per-row f32 scales) or the compute dtype.
+    pub expert_dtype: String,
+    /// Routed-expert parameters touched per token (`top_k` experts per MoE layer), part of
+    /// `params_active`.
+    pub params_active_routed: u64,
     /// Family-specific facts (name, value).
     pub facts: BTreeMap<String, String>,
 }
@@ -57,6 +63,7 @@ impl ModelSummary {
         facts: &[(&'static str, String)],
         checkpoint: &Checkpoint,
         dtype: DType,
+        expert_dtype: ExpertDtype,
     ) -> Self {
         let mut params_total = 0u64;
         let mut bytes_by_dtype: BTreeMap<String, u64> = BTreeMap::new();
@@ -75,12 +82,14 @@ impl ModelSummary {
         };
         let mut inactive = 0u64;
         let mut routed = 0u64;
+        let mut active_routed = 0u64;
         let mut moe_layers = Vec::new();
         let mut first = None;
         for (layer, f) in ffn.iter().enumerate() {
             if let FfnRecipe::Sparse(moe) = f {
                 let per_expert = 3 * (hp.hidden_size * moe.intermediate) as u64;
                 inactive += (moe.routing.n_experts - moe.routing.top_k) as u64 * per_expert;
+                active_routed += moe.routing.top_k as u64 * per_expert;
                 routed += moe.routing.n_experts as u64 * per_expert;
                 moe_layers.push(layer);
                 first.get_or_insert(moe);
@@ -105,6 +114,8 @@ impl ModelSummary {
             routed_expert_bytes: (routed as f64 * bytes_per_param) as u64,
             checkpoint_bytes_by_dtype: bytes_by_dtype,
             compute_dtype: format!("{dtype:?}").to_lowercase(),
+            expert_dtype: expert_dtype.describe(dtype),
+            params_active_routed: active_routed,
             facts: facts
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.clone()))

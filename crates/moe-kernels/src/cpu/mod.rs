@@ -4,7 +4,7 @@
 //! * [`numerics`]: the process-wide choice between these fast kernels and the torch-exact
 //!   bf16 kernels of [`crate::matmul`] (kept for the bit-exact parity tests).
 //! * [`weights`]: weight element types the kernels read (f32, bf16 widened on the fly).
-//! * [`q8`]: int8 weights with per-row scales (kernel side only so far).
+//! * [`q8`]: int8 weights with per-row scales, the storage of `--expert-dtype q8` experts.
 //! * [`pool`]: the persistent thread pool the kernels split their work over.
 //! * [`gemm`]: `x · Wᵀ` with `x` f32 and `W` `[out, in]` in any weight type, AVX2/FMA tiles
 //!   with a scalar fallback, and an output "sink" so callers can store or scatter-accumulate.

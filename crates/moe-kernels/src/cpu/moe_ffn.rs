@@ -11,16 +11,24 @@
 //!    tokens' output rows ([`AccumulateSink`]): no per-expert output tensors, no combine
 //!    pass, and each token's experts are summed in a fixed order (deterministic).
 //!
+//! Weights are any [`WeightElem`]; int8 experts (`--expert-dtype q8`) carry one f32 scale per
+//! output row and every projection's dot products pass through [`ScaledSink`] before the bias,
+//! the activation or the routing weight: `w × (s · (x · q) + b)`.
+//!
 //! Numerics: f32 throughout, no intermediate rounding (fast mode of [`super::numerics`]).
+
+use std::ops::Range;
 
 use super::gemm::{matmul_nt_cols, Sink, StoreSink};
 use super::pool;
+use super::q8::ScaledSink;
 use super::shared::SharedMut;
 use super::weights::WeightElem;
 use crate::expert_ffn::ExpertActivation;
 use crate::grouping::ExpertGroups;
 
-/// One expert's matrices (HF `[out, in]` row-major) and f32 biases.
+/// One expert's matrices (HF `[out, in]` row-major), their per-row scales when they are
+/// quantized, and f32 biases.
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertSlices<'a, W> {
     /// `[intermediate, hidden]`
@@ -35,6 +43,36 @@ pub struct ExpertSlices<'a, W> {
     pub up_bias: Option<&'a [f32]>,
     /// `[hidden]`
     pub down_bias: Option<&'a [f32]>,
+    /// Per-output-row scales of `gate`, `up` and `down` (`[intermediate]`, `[intermediate]`,
+    /// `[hidden]`) when the matrices are int8 ([`super::q8`]); `None` for float weights.
+    pub scales: Option<[&'a [f32]; 3]>,
+}
+
+/// `sink ← x · W[cols]ᵀ`, each dot product multiplied by its row's scale first when `scales`
+/// is given (int8 weights).
+fn project<W: WeightElem, S: Sink>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[W],
+    cols: Range<usize>,
+    scales: Option<&[f32]>,
+    sink: &S,
+) {
+    match scales {
+        Some(scales) => matmul_nt_cols(
+            x,
+            rows,
+            k,
+            w,
+            cols,
+            &ScaledSink {
+                inner: sink,
+                scales,
+            },
+        ),
+        None => matmul_nt_cols(x, rows, k, w, cols, sink),
+    }
 }
 
 /// Adds `weight[row] × (value + bias[col])` to `out[token_rows[row] * ld + col]`.
@@ -102,10 +140,27 @@ pub fn grouped_expert_ffn<W: WeightElem>(
             let rows = slots.len();
             let xe = &xg[slots.start * h..slots.end * h];
             let cols = c * chunk..((c + 1) * chunk).min(inter);
+            let scales = w.scales.map(|[g, u, _]| (g, u));
             let g_sink = StoreSink::new(&gate_s, inter, slots.start, w.gate_bias);
-            matmul_nt_cols(xe, rows, h, w.gate, cols.clone(), &g_sink);
+            project(
+                xe,
+                rows,
+                h,
+                w.gate,
+                cols.clone(),
+                scales.map(|s| s.0),
+                &g_sink,
+            );
             let u_sink = StoreSink::new(&up_s, inter, slots.start, w.up_bias);
-            matmul_nt_cols(xe, rows, h, w.up, cols.clone(), &u_sink);
+            project(
+                xe,
+                rows,
+                h,
+                w.up,
+                cols.clone(),
+                scales.map(|s| s.1),
+                &u_sink,
+            );
             for slot in slots {
                 for col in cols.clone() {
                     let idx = slot * inter + col;
@@ -145,7 +200,16 @@ pub fn grouped_expert_ffn<W: WeightElem>(
                 bias: experts[i].down_bias,
             };
             let he = &hidden_act[slots.start * inter..slots.end * inter];
-            matmul_nt_cols(he, slots.len(), inter, experts[i].down, cols.clone(), &sink);
+            let scales = experts[i].scales.map(|[_, _, d]| d);
+            project(
+                he,
+                slots.len(),
+                inter,
+                experts[i].down,
+                cols.clone(),
+                scales,
+                &sink,
+            );
         }
     });
 }

@@ -1,10 +1,12 @@
-//! int8 weights with one f32 scale per output row (groundwork for `--expert-dtype q8`).
+//! int8 weights with one f32 scale per output row: the routed experts of `--expert-dtype q8`.
 //!
 //! A row `w` is stored as `q = round(w / s)` with `s = max|w| / 127`, so `w ≈ s · q`. The
 //! kernels of [`super::gemm`] read `q` as any [`WeightElem`](super::weights::WeightElem)
 //! (widened in registers) and [`ScaledSink`] multiplies each finished dot product by its row's
-//! scale: `x · w ≈ s · (x · q)`. Not yet wired into the model: experts are still loaded in
-//! the compute dtype.
+//! scale: `x · w ≈ s · (x · q)`. Wired in: experts are quantized at load by
+//! [`crate::expert_q8`] (the resident source and the expert cache alike) and the grouped expert
+//! FFN ([`super::moe_ffn`]) scales gate, up and down this way. Not a model-wide format: dense
+//! layers, attention and shared experts stay in the compute dtype.
 
 use super::gemm::Sink;
 use super::weights::WeightElem;

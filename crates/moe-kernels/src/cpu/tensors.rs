@@ -13,10 +13,11 @@ use super::moe_ffn::{grouped_expert_ffn, ExpertSlices};
 use super::shared::SharedMut;
 use super::weights::WeightElem;
 use crate::expert_ffn::{ExpertActivation, ExpertWeights};
+use crate::expert_q8::as_i8;
 use crate::grouping::ExpertGroups;
 
 /// The elements of a contiguous CPU tensor, borrowed from its storage guard.
-fn slice_of<'g, T: WithDType>(storage: &'g Storage, layout: &Layout) -> Option<&'g [T]> {
+pub(crate) fn slice_of<'g, T: WithDType>(storage: &'g Storage, layout: &Layout) -> Option<&'g [T]> {
     let Storage::Cpu(cpu) = storage else {
         return None;
     };
@@ -118,7 +119,7 @@ fn matmul_nt_typed<W: WeightElem + WithDType>(
 /// The routed experts of a layer with the grouped CPU kernel ([`grouped_expert_ffn`]):
 /// `x` `[n_tokens, hidden]`, `experts[i]` the weights of the i-th active expert of `groups`.
 /// Returns the weighted sum `[n_tokens, hidden]` in `x`'s dtype, or `None` when the kernel
-/// does not apply (not the CPU, weights neither bf16 nor f32, or not contiguous).
+/// does not apply (not the CPU, weights neither bf16, f32 nor int8, or not contiguous).
 pub fn fast_grouped_experts<E: Borrow<ExpertWeights>>(
     x: &Tensor,
     groups: &ExpertGroups,
@@ -175,12 +176,17 @@ pub fn fast_grouped_experts_in_waves<W: Borrow<ExpertWeights>>(
             wave_groups = groups.restricted_to(experts[0]..experts[experts.len() - 1] + 1);
             &wave_groups
         };
+        let (x, out) = (&xv[..], &mut out[..]);
         let applied = match weights[0].borrow().gate.dtype() {
             DType::BF16 => {
-                grouped_typed::<bf16, W>(&xv, hidden, groups, &weights, activation, &mut out)?
+                grouped_typed::<bf16, _, _>(x, hidden, groups, &weights, activation, out, |w| w)?
             }
             DType::F32 => {
-                grouped_typed::<f32, W>(&xv, hidden, groups, &weights, activation, &mut out)?
+                grouped_typed::<f32, _, _>(x, hidden, groups, &weights, activation, out, |w| w)?
+            }
+            // int8 experts: the bit patterns of a U8 tensor, with per-row scales.
+            DType::U8 => {
+                grouped_typed::<u8, _, _>(x, hidden, groups, &weights, activation, out, as_i8)?
             }
             _ => false,
         };
@@ -197,14 +203,17 @@ pub fn fast_grouped_experts_in_waves<W: Borrow<ExpertWeights>>(
 }
 
 /// Adds the weighted outputs of `experts` (the active experts of `groups`) into `out`; false
-/// when their weights are not contiguous CPU tensors of `W` with the expected sizes.
-fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
+/// when their weights are not contiguous CPU tensors of `T` with the expected sizes, or int8
+/// experts and float experts are mixed. `view` reads a tensor's elements as the kernel's weight
+/// type (the identity for floats, bit patterns as `i8` for int8 experts).
+fn grouped_typed<T: WithDType, W: WeightElem, E: Borrow<ExpertWeights>>(
     xv: &[f32],
     hidden: usize,
     groups: &ExpertGroups,
     experts: &[E],
     activation: ExpertActivation,
     out: &mut [f32],
+    view: fn(&[T]) -> &[W],
 ) -> Result<bool> {
     let experts: Vec<&ExpertWeights> = experts.iter().map(|e| e.borrow()).collect();
     let intermediate = experts[0].gate.dim(0)?;
@@ -213,13 +222,25 @@ fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
         .iter()
         .map(|e| Ok((bias(&e.gate_bias)?, bias(&e.up_bias)?, bias(&e.down_bias)?)))
         .collect::<Result<Vec<_>>>()?;
+    let int8 = T::DTYPE == DType::U8;
+    if experts.iter().any(|e| e.is_q8() != int8) {
+        return Ok(false);
+    }
     let guards: Vec<_> = experts
         .iter()
         .map(|e| [&e.gate, &e.up, &e.down].map(|t| t.storage_and_layout()))
         .collect();
+    let scale_guards: Vec<_> = experts
+        .iter()
+        .map(|e| {
+            e.q8_scales
+                .as_ref()
+                .map(|s| [&s.gate, &s.up, &s.down].map(|t| t.storage_and_layout()))
+        })
+        .collect();
     let mut slices = Vec::with_capacity(experts.len());
-    for (g, b) in guards.iter().zip(&biases) {
-        let [gate, up, down] = [0, 1, 2].map(|i| slice_of::<W>(&g[i].0, g[i].1));
+    for ((g, sg), b) in guards.iter().zip(&scale_guards).zip(&biases) {
+        let [gate, up, down] = [0, 1, 2].map(|i| slice_of::<T>(&g[i].0, g[i].1).map(view));
         let (Some(gate), Some(up), Some(down)) = (gate, up, down) else {
             return Ok(false);
         };
@@ -227,6 +248,22 @@ fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
         {
             return Ok(false);
         }
+        let scales = match sg {
+            None => None,
+            Some(sg) => {
+                let [gs, us, ds] = [0, 1, 2].map(|i| slice_of::<f32>(&sg[i].0, sg[i].1));
+                match (gs, us, ds) {
+                    (Some(gs), Some(us), Some(ds))
+                        if gs.len() == intermediate
+                            && us.len() == intermediate
+                            && ds.len() == hidden =>
+                    {
+                        Some([gs, us, ds])
+                    }
+                    _ => return Ok(false),
+                }
+            }
+        };
         slices.push(ExpertSlices {
             gate,
             up,
@@ -234,6 +271,7 @@ fn grouped_typed<W: WeightElem + WithDType, E: Borrow<ExpertWeights>>(
             gate_bias: b.0.as_deref(),
             up_bias: b.1.as_deref(),
             down_bias: b.2.as_deref(),
+            scales,
         });
     }
     grouped_expert_ffn(xv, hidden, intermediate, groups, &slices, activation, out);

@@ -218,7 +218,7 @@ impl SparseMoeBlock {
             static ONCE: std::sync::Once = std::sync::Once::new();
             ONCE.call_once(|| {
                 eprintln!(
-                    "moe-models: routed experts not stored as contiguous bf16/f32: no grouped CPU kernel, using the per-expert candle path"
+                    "moe-models: routed experts not stored as contiguous bf16/f32/int8: no grouped CPU kernel, using the per-expert candle path"
                 )
             });
         }
@@ -289,6 +289,15 @@ impl SparseMoeBlock {
                 layer: self.layer,
                 expert,
             })?;
+            if weights.is_q8() {
+                static Q8: std::sync::Once = std::sync::Once::new();
+                Q8.call_once(|| {
+                    eprintln!(
+                        "moe-models: int8 experts outside the grouped CPU kernel (torch-exact numerics set after load, or another device): each is dequantized to {:?} per use and run with candle ops",
+                        x.dtype()
+                    )
+                });
+            }
             outputs.push(expert_ffn(&expert_in, &weights, self.activation)?);
         }
         combine(n_tokens, hidden, groups, &outputs, x.dtype(), x.device())
