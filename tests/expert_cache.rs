@@ -10,13 +10,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use moe_cache::{ExpertBudget, PolicyKind, TierCosts, TieredExpertsBuilder};
 use moe_core::Routing;
-use moe_engine::{
-    Engine, EngineOptions, ExpertCacheStats, GenerateRequest, Prompt, SamplingParams,
-};
+use moe_engine::{Engine, EngineOptions, ExpertCacheStats};
 use moe_models::{
     load_decoder, ForwardContext, LoadOptions, LogitsWanted, RoutingObserver, SequenceInput,
 };
-use moe_tests::{fixture_dir, Reference};
+use moe_tests::{fixture_dir, greedy, greedy_decoder, Reference};
 
 fn engine(
     name: &str,
@@ -29,23 +27,6 @@ fn engine(
         expert_policy: policy,
         ..Default::default()
     })
-}
-
-fn greedy(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
-    let request = GenerateRequest {
-        prompt: Prompt::TokenIds(prompt.to_vec()),
-        max_new_tokens: n,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        ignore_eos: true,
-        ..Default::default()
-    };
-    engine
-        .generate(&request, &mut |_| {})
-        .unwrap()
-        .generated_token_ids
 }
 
 /// The smallest budget `name` loads with (one expert's read), from a 100 % cache's statistics.
@@ -463,43 +444,34 @@ fn prefetch_reads_ahead_and_guesses() {
     }
 }
 
-/// Greedy continuation of `prompt` by `model` alone (one sequence, no engine).
-fn greedy_decoder(model: &moe_models::DecoderModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = model.new_cache();
-    let mut tokens = prompt.to_vec();
-    let mut got = Vec::new();
-    for _ in 0..n {
-        let fed = if got.is_empty() {
-            &tokens[..]
-        } else {
-            &tokens[tokens.len() - 1..]
-        };
-        let logits = model
-            .forward(
-                &mut [SequenceInput {
-                    tokens: fed,
-                    cache: &mut cache,
-                    logits: LogitsWanted::Last,
-                }],
-                ForwardContext::default(),
-            )
-            .unwrap();
-        let row: Vec<f32> = logits[0].get(0).unwrap().to_vec1().unwrap();
-        let next = row
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                if v > best.1 {
-                    (i, v)
-                } else {
-                    best
-                }
-            })
-            .0 as u32;
-        got.push(next);
-        tokens.push(next);
-    }
-    got
+/// A decoder of fixture `name` (f32, CPU) over two tiers: a cache of `upper` standing for the
+/// GPU (here on the CPU device: no GPU on this machine) over an LRU host-RAM cache of `host`.
+fn two_tier_model(
+    name: &str,
+    upper: ExpertBudget,
+    host: ExpertBudget,
+    policy: PolicyKind,
+    placement: Option<TierCosts>,
+) -> (moe_models::DecoderModel, Arc<TieredExpertsBuilder>) {
+    let builder = Arc::new(
+        TieredExpertsBuilder::new(upper, policy)
+            .with_host_tier(host, Device::Cpu)
+            .with_placement(placement),
+    );
+    let options = LoadOptions {
+        dtype: DType::F32,
+        device: Device::Cpu,
+        expert_source: Some(builder.clone()),
+        expert_dtype: Default::default(),
+    };
+    let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
+    (model, builder)
+}
+
+/// Bytes of one expert, from a cache's statistics (all experts of a fixture are alike).
+fn per_expert_bytes(s: &ExpertCacheStats) -> u64 {
+    let n_experts: u64 = s.layer_usage.iter().map(|l| l.counts.len() as u64).sum();
+    s.expert_bytes_total / n_experts
 }
 
 /// Fiddler through the two tiers (the CPU standing in for the GPU): with costs that make one
@@ -520,18 +492,13 @@ fn missed_experts_with_few_rows_are_computed_on_the_host() {
         upper_flops: 1e12,
     };
     let run = |placement: Option<TierCosts>| {
-        let builder = Arc::new(
-            TieredExpertsBuilder::new(ExpertBudget::Percent(25.0), PolicyKind::Lru)
-                .with_host_tier(ExpertBudget::Percent(100.0), Device::Cpu)
-                .with_placement(placement),
+        let (model, builder) = two_tier_model(
+            name,
+            ExpertBudget::Percent(25.0),
+            ExpertBudget::Percent(100.0),
+            PolicyKind::Lru,
+            placement,
         );
-        let options = LoadOptions {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            expert_source: Some(builder.clone()),
-            expert_dtype: Default::default(),
-        };
-        let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
         for p in &reference.prompts {
             let got = greedy_decoder(&model, &p.input_ids, p.greedy_new_tokens.len());
             assert_eq!(got, p.greedy_new_tokens, "placement {placement:?}");
@@ -555,11 +522,9 @@ fn missed_experts_with_few_rows_are_computed_on_the_host() {
         u.misses + u.computed_in_place,
         "one host lookup per fetch or in-place compute"
     );
-    let n_experts: u64 = u.layer_usage.iter().map(|l| l.counts.len() as u64).sum();
-    let per_expert = u.expert_bytes_total / n_experts;
     assert_eq!(
         u.bytes_read,
-        u.misses * per_expert,
+        u.misses * per_expert_bytes(&u),
         "in place moves no weights"
     );
     assert_eq!(fetch_only.computed_in_place, 0);
@@ -581,17 +546,13 @@ fn device_tier_over_host_tier() {
     let name = "qwen3_moe";
     let reference = Reference::load(name).unwrap();
     for policy in [PolicyKind::Lru, PolicyKind::Prefetch] {
-        let builder = Arc::new(
-            TieredExpertsBuilder::new(ExpertBudget::Percent(25.0), policy)
-                .with_host_tier(ExpertBudget::Percent(50.0), Device::Cpu),
+        let (model, builder) = two_tier_model(
+            name,
+            ExpertBudget::Percent(25.0),
+            ExpertBudget::Percent(50.0),
+            policy,
+            None,
         );
-        let options = LoadOptions {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            expert_source: Some(builder.clone()),
-            expert_dtype: Default::default(),
-        };
-        let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
         let (upper, host) = (builder.built().unwrap(), builder.built_host().unwrap());
         for p in &reference.prompts {
             let got = greedy_decoder(&model, &p.input_ids, p.greedy_new_tokens.len());
@@ -607,8 +568,7 @@ fn device_tier_over_host_tier() {
             u.misses + u.prefetches,
             "{policy}: one host lookup per load"
         );
-        let n_experts: u64 = u.layer_usage.iter().map(|l| l.counts.len() as u64).sum();
-        let per_expert = u.expert_bytes_total / n_experts;
+        let per_expert = per_expert_bytes(&u);
         assert_eq!(
             u.bytes_read,
             (u.misses + u.prefetches) * per_expert,

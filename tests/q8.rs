@@ -7,11 +7,11 @@
 
 use candle_core::{DType, Device};
 use moe_cache::{ExpertBudget, PolicyKind};
-use moe_engine::{Engine, EngineOptions, ExpertDtype, GenerateRequest, Prompt, SamplingParams};
+use moe_engine::{Engine, EngineOptions, ExpertDtype};
 use moe_kernels::cpu::{set_numerics, Numerics};
 use moe_models::SequenceInput;
 use moe_models::{load_decoder, DecoderModel, ForwardContext, LoadOptions, LogitsWanted};
-use moe_tests::{argmax, fixture_dir, max_abs_diff, Reference};
+use moe_tests::{argmax, fixture_dir, greedy, max_abs_diff, Reference};
 
 /// Fixtures covering every float expert layout — per-expert `gate_proj/up_proj/down_proj`
 /// (Qwen3-MoE), per-expert `w1/w3/w2` (Mixtral), stacked `[E, in, out]` with biases and the
@@ -109,23 +109,6 @@ fn engine(name: &str, budget: Option<ExpertBudget>) -> Engine {
         ..Default::default()
     })
     .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn greedy(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
-    let request = GenerateRequest {
-        prompt: Prompt::TokenIds(prompt.to_vec()),
-        max_new_tokens: n,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        ignore_eos: true,
-        ..Default::default()
-    };
-    engine
-        .generate(&request, &mut |_| {})
-        .unwrap()
-        .generated_token_ids
 }
 
 /// q8 experts read on demand under a 50 % budget (or the fixture's minimum when larger) decode

@@ -100,6 +100,51 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// Greedy continuation of `prompt` (token ids) by `engine`: `n` new tokens, EOS ignored.
+pub fn greedy(engine: &moe_engine::Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let request = moe_engine::GenerateRequest {
+        prompt: moe_engine::Prompt::TokenIds(prompt.to_vec()),
+        max_new_tokens: n,
+        sampling: moe_engine::SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ignore_eos: true,
+        ..Default::default()
+    };
+    engine
+        .generate(&request, &mut |_| {})
+        .unwrap()
+        .generated_token_ids
+}
+
+/// Greedy continuation of `prompt` by `model` alone (one sequence, no engine): `n` new tokens.
+pub fn greedy_decoder(model: &moe_models::DecoderModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    use moe_models::{ForwardContext, LogitsWanted, SequenceInput};
+    let mut cache = model.new_cache();
+    let mut tokens = prompt.to_vec();
+    for _ in 0..n {
+        let fed = if tokens.len() == prompt.len() {
+            &tokens[..]
+        } else {
+            &tokens[tokens.len() - 1..]
+        };
+        let logits = model
+            .forward(
+                &mut [SequenceInput {
+                    tokens: fed,
+                    cache: &mut cache,
+                    logits: LogitsWanted::Last,
+                }],
+                ForwardContext::default(),
+            )
+            .unwrap();
+        let row: Vec<f32> = logits[0].get(0).unwrap().to_vec1().unwrap();
+        tokens.push(argmax(&row));
+    }
+    tokens[prompt.len()..].to_vec()
+}
+
 /// The architecture recipe for fixture `name`'s config.json after `edit` (config tests).
 pub fn edited_recipe(
     name: &str,
