@@ -633,14 +633,21 @@ impl ExpertSource for TieredExperts {
         s.guess_count += 1;
         // Jobs of guesses before the previous one are stale (the previous layer still runs).
         s.queue.retain(|j| j.guess + 1 >= guess);
+        // Only what is neither resident nor being read goes to the loader, and the loader is
+        // woken only when there is such work: once the working set is resident, a guess costs
+        // no thread switch (on two cores, a woken loader preempts a computing thread).
+        let mut queued = false;
         for &expert in experts {
-            s.queue.push_back(Job {
-                key: ExpertKey { layer, expert },
-                guess,
-            });
+            let key = ExpertKey { layer, expert };
+            if !s.resident.contains_key(&key) && !s.in_flight.contains_key(&key) {
+                s.queue.push_back(Job { key, guess });
+                queued = true;
+            }
         }
         s.guesses.insert(layer, experts.to_vec());
-        inner.work.notify_one();
+        if queued {
+            inner.work.notify_one();
+        }
     }
 
     fn wants_prefetch(&self) -> bool {
