@@ -106,11 +106,45 @@ impl Stat {
     }
 }
 
+/// What the expert cache did during one phase of the benchmark (all its repetitions): the
+/// difference of the cache's counters across the phase.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseCache {
+    /// Expert lookups.
+    pub lookups: u64,
+    /// `hits / lookups` within the phase.
+    pub hit_rate: f64,
+    /// Bytes read from the tier below (on demand and ahead of use).
+    pub bytes_read: u64,
+    /// Seconds lookups waited for experts.
+    pub stall_seconds: f64,
+}
+
+impl PhaseCache {
+    /// The phase between two snapshots of the same cache.
+    pub fn between(before: &ExpertCacheStats, after: &ExpertCacheStats) -> Self {
+        let lookups = after.lookups - before.lookups;
+        let hits = after.hits - before.hits;
+        Self {
+            lookups,
+            hit_rate: if lookups == 0 {
+                0.0
+            } else {
+                hits as f64 / lookups as f64
+            },
+            bytes_read: after.bytes_read - before.bytes_read,
+            stall_seconds: after.stall_seconds - before.stall_seconds,
+        }
+    }
+}
+
 /// Prefill of one prompt length, one sequence.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PrefillResult {
     /// Prompt tokens.
     pub prompt_tokens: usize,
+    /// The expert cache during this phase, when a budget is set.
+    pub expert_cache: Option<PhaseCache>,
     /// Prompt tokens per second of the prefill forward pass.
     pub tokens_per_second: Stat,
     /// Time to first token: from the request to the first sampled token (seconds).
@@ -122,6 +156,8 @@ pub struct PrefillResult {
 pub struct DecodeResult {
     /// Sequences decoded together.
     pub concurrency: usize,
+    /// The expert cache during this phase (prompts included), when a budget is set.
+    pub expert_cache: Option<PhaseCache>,
     /// Decode steps per sequence that were timed.
     pub decode_steps: usize,
     /// Generated tokens per second summed over all sequences.
@@ -233,8 +269,24 @@ pub fn run_bench(
         cache.reset_stats();
     }
 
+    // Counters at a phase boundary, once the loader has settled (outside the timed parts).
+    let snapshot = || {
+        engine.expert_cache().map(|cache| {
+            cache.wait_idle();
+            cache.stats()
+        })
+    };
+    let phase = |before: &Option<ExpertCacheStats>| {
+        let after = snapshot();
+        before
+            .as_ref()
+            .zip(after.as_ref())
+            .map(|(b, a)| PhaseCache::between(b, a))
+    };
+
     let mut prefill = Vec::new();
     for &len in &config.prefill_lengths {
+        let before = snapshot();
         let (mut rates, mut ttfts) = (Vec::new(), Vec::new());
         for rep in 0..config.repetitions {
             progress(&format!(
@@ -250,6 +302,7 @@ pub fn run_bench(
         }
         prefill.push(PrefillResult {
             prompt_tokens: len,
+            expert_cache: phase(&before),
             tokens_per_second: Stat::new(rates),
             ttft_seconds: Stat::new(ttfts),
         });
@@ -257,6 +310,7 @@ pub fn run_bench(
 
     let mut decode = Vec::new();
     for &n in &config.concurrency {
+        let before = snapshot();
         let (mut aggregate, mut per_seq) = (Vec::new(), Vec::new());
         for rep in 0..config.repetitions {
             progress(&format!(
@@ -275,6 +329,7 @@ pub fn run_bench(
         }
         decode.push(DecodeResult {
             concurrency: n,
+            expert_cache: phase(&before),
             decode_steps: config.decode_tokens - 1,
             aggregate_tokens_per_second: Stat::new(aggregate),
             per_sequence_tokens_per_second: Stat::new(per_seq),

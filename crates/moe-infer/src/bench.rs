@@ -129,10 +129,11 @@ fn format_table(r: &BenchReport) -> String {
     ));
     for p in &r.prefill {
         line(format!(
-            "{:<28} {:>26} {:>24}",
+            "{:<28} {:>26} {:>24}{}",
             format!("{} prompt tokens", p.prompt_tokens),
             stat_cell(&p.tokens_per_second, 1),
-            stat_cell(&p.ttft_seconds, 3)
+            stat_cell(&p.ttft_seconds, 3),
+            phase_cache_cell(&p.expert_cache)
         ));
     }
     line(String::new());
@@ -142,10 +143,11 @@ fn format_table(r: &BenchReport) -> String {
     ));
     for d in &r.decode {
         line(format!(
-            "{:<28} {:>26} {:>24}",
+            "{:<28} {:>26} {:>24}{}",
             format!("{} sequence(s) x {} steps", d.concurrency, d.decode_steps),
             stat_cell(&d.aggregate_tokens_per_second, 2),
-            stat_cell(&d.per_sequence_tokens_per_second, 2)
+            stat_cell(&d.per_sequence_tokens_per_second, 2),
+            phase_cache_cell(&d.expert_cache)
         ));
     }
     line(String::new());
@@ -186,6 +188,19 @@ fn format_table(r: &BenchReport) -> String {
     }
     line(format!("bench took {:.1} s", r.bench_seconds));
     out
+}
+
+/// The expert cache's part of a phase's row: hit rate, bytes read and stall (empty without a
+/// budget).
+fn phase_cache_cell(cache: &Option<moe_engine::bench::PhaseCache>) -> String {
+    cache.as_ref().map_or(String::new(), |c| {
+        format!(
+            "   cache: {:.1} % hits, {:.2} GB read, stalled {:.2} s",
+            100.0 * c.hit_rate,
+            c.bytes_read as f64 / 1e9,
+            c.stall_seconds
+        )
+    })
 }
 
 /// Picks one statistic of a decode result (a plotted series).

@@ -98,10 +98,31 @@ fn budget_adds_cache_stats_and_table_prints() {
     for needle in ["prefill", "decode", "roofline", "peak RSS", "hit rate"] {
         assert!(table.contains(needle), "no {needle:?} in:\n{table}");
     }
+    assert!(
+        table.contains("% hits"),
+        "no per-phase cache cell in:\n{table}"
+    );
     let report = json_of(&bench("3", &["--json", "--expert-budget", "50%"]));
     let cache = &report["expert_cache"];
     assert!(cache["lookups"].as_u64().unwrap() > 0, "{cache}");
     assert!(cache["budget_bytes"].as_u64().unwrap() > 0);
+    // The phases' lookups and reads add up to the whole run's (stats are reset after the
+    // warm-up, and every lookup belongs to one phase).
+    let phases: Vec<&Value> = ["prefill", "decode"]
+        .iter()
+        .flat_map(|k| report[*k].as_array().unwrap())
+        .map(|p| &p["expert_cache"])
+        .collect();
+    let sum = |k: &str| phases.iter().map(|p| p[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("lookups"), cache["lookups"].as_u64().unwrap());
+    assert_eq!(sum("bytes_read"), cache["bytes_read"].as_u64().unwrap());
+    for p in &phases {
+        let rate = p["hit_rate"].as_f64().unwrap();
+        assert!(
+            (0.0..=1.0).contains(&rate) && p["lookups"].as_u64().unwrap() > 0,
+            "{p}"
+        );
+    }
 }
 
 /// `--expert-dtype q8`: the report and the table say the experts are int8, and the roofline
