@@ -261,13 +261,7 @@ fn lookups_are_the_routed_experts() {
             ExpertBudget::Percent(30.0),
             PolicyKind::Lru,
         ));
-        let options = LoadOptions {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            expert_source: Some(builder.clone()),
-            expert_dtype: Default::default(),
-        };
-        let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
+        let model = cached_decoder(name, &builder);
         let cache = builder.built().unwrap();
         let reference = Reference::load(name).unwrap();
         let mut observer = DistinctExperts::default();
@@ -458,14 +452,18 @@ fn two_tier_model(
             .with_host_tier(host, Device::Cpu)
             .with_placement(placement),
     );
+    (cached_decoder(name, &builder), builder)
+}
+
+/// A decoder of fixture `name` (f32, CPU) whose routed experts come from `builder`'s cache.
+fn cached_decoder(name: &str, builder: &Arc<TieredExpertsBuilder>) -> moe_models::DecoderModel {
     let options = LoadOptions {
         dtype: DType::F32,
         device: Device::Cpu,
         expert_source: Some(builder.clone()),
         expert_dtype: Default::default(),
     };
-    let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
-    (model, builder)
+    load_decoder(&fixture_dir(name), &options, false).unwrap()
 }
 
 /// Bytes of one expert, from a cache's statistics (all experts of a fixture are alike).

@@ -197,14 +197,11 @@ impl LowerTier for DiskTier {
     fn expert_cost(&self, key: ExpertKey) -> Result<ExpertCost> {
         let on_disk = self.on_disk(key)?;
         let (hidden, intermediate) = on_disk.shape();
-        let weight_bytes = on_disk.ram_bytes as u64;
-        // The float weights' element size is the activations' (the compute dtype).
-        let elem = (on_disk.float_bytes / (3 * hidden * intermediate).max(1)).max(1);
         Ok(ExpertCost::gated_ffn(
             hidden,
             intermediate,
-            weight_bytes,
-            elem,
+            on_disk.ram_bytes as u64,
+            on_disk.compute_dtype().size_in_bytes(),
         ))
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use moe_core::{Error, ExpertKey, Result};
-use moe_kernels::ExpertWeights;
+use moe_kernels::{ExpertGroups, ExpertWeights};
 use moe_models::{ExpertLayerLayout, ExpertSource, ExpertSourceFactory};
 
 use crate::budget::ExpertBudget;
@@ -253,79 +253,68 @@ impl Inner {
     /// counts once, as the hit or miss of its first resolution; reading it again after letting
     /// it go counts as a reread.
     fn acquire(&self, keys: &[ExpertKey]) -> Result<Vec<Arc<ExpertWeights>>> {
-        let needs = keys
-            .iter()
-            .map(|&k| self.lower.transient_bytes(k))
-            .collect::<Result<Vec<_>>>()?;
         let start = Instant::now();
         let mut counted = vec![false; keys.len()];
+        let mut held: Vec<Option<Arc<ExpertWeights>>> = vec![None; keys.len()];
+        let (mut waited, mut missed) = (false, false);
         let mut s = self.lock();
         for k in keys {
             s.usage[k.layer][k.expert] += 1;
         }
-        let mut waited = false;
-        let mut missed = false;
-        'attempt: loop {
-            let mut held: Vec<Option<Arc<ExpertWeights>>> = vec![None; keys.len()];
-            loop {
-                // Pin what is resident.
-                for (i, &key) in keys.iter().enumerate() {
-                    if held[i].is_some() {
-                        continue;
-                    }
-                    let Some((weights, _)) = s.resident.get(&key) else {
-                        continue;
-                    };
-                    held[i] = Some(weights.clone());
-                    if !counted[i] {
-                        counted[i] = true;
-                        s.counters.hits += 1;
-                        s.policy.on_hit(key);
-                        if s.unused_prefetches.remove(&key) {
-                            s.counters.prefetch_hits += 1;
-                            s.counters.prefetch_late += u64::from(waited);
-                        }
-                    }
-                }
-                let Some(i) = held.iter().position(Option::is_none) else {
-                    break;
-                };
-                let key = keys[i];
-                if s.in_flight.contains_key(&key) {
-                    // Being read (by the loader or another caller): it lands without needing
-                    // more room, so waiting while holding the others is safe.
-                } else if self.make_room(&mut s, needs[i], Reader::Demand) {
-                    if counted[i] {
-                        s.counters.rereads += 1;
-                    } else {
-                        counted[i] = true;
-                        s.counters.misses += 1;
-                    }
-                    missed = true;
-                    let (guard, result) = self.load(s, key, Reader::Demand);
-                    s = guard;
-                    held[i] = Some(result?);
+        loop {
+            // Pin what is resident.
+            for (i, &key) in keys.iter().enumerate() {
+                if held[i].is_some() {
                     continue;
-                } else if !s.in_flight.is_empty() {
-                    // No room yet, but reads in flight land without needing more: once landed
-                    // they can be evicted (or free their extra bytes), so wait holding ours.
-                } else {
-                    // No room until experts in use are released: release ours, then wait.
-                    drop(held);
-                    self.check_room_timeout(&s, key, start)?;
-                    waited = true;
-                    s = self.wait_for_change(s);
-                    continue 'attempt;
                 }
-                self.check_room_timeout(&s, key, start)?;
-                waited = true;
-                s = self.wait_for_change(s);
+                let Some((weights, _)) = s.resident.get(&key) else {
+                    continue;
+                };
+                held[i] = Some(weights.clone());
+                if !counted[i] {
+                    counted[i] = true;
+                    s.counters.hits += 1;
+                    s.policy.on_hit(key);
+                    if s.unused_prefetches.remove(&key) {
+                        s.counters.prefetch_hits += 1;
+                        s.counters.prefetch_late += u64::from(waited);
+                    }
+                }
             }
-            if waited || missed {
-                s.counters.stall_time += start.elapsed();
+            let Some(i) = held.iter().position(Option::is_none) else {
+                break;
+            };
+            let key = keys[i];
+            // A key being read (by the loader or another caller) is waited for, not read again.
+            if !s.in_flight.contains_key(&key)
+                && self.make_room(&mut s, self.lower.transient_bytes(key)?, Reader::Demand)
+            {
+                if counted[i] {
+                    s.counters.rereads += 1;
+                } else {
+                    counted[i] = true;
+                    s.counters.misses += 1;
+                }
+                missed = true;
+                let (guard, result) = self.load(s, key, Reader::Demand);
+                s = guard;
+                held[i] = Some(result?);
+                continue;
             }
-            return Ok(held.into_iter().map(|w| w.expect("all pinned")).collect());
+            // Reads in flight land without needing more room, so waiting for them while
+            // holding ours is safe; with none in flight, only callers' experts hold the room:
+            // let ours go before waiting.
+            if s.in_flight.is_empty() {
+                held.iter_mut().for_each(|w| *w = None);
+            }
+            self.check_room_timeout(&s, key, start)?;
+            waited = true;
+            s = self.wait_for_change(s);
         }
+        if waited || missed {
+            s.counters.stall_time += start.elapsed();
+        }
+        Ok(held.into_iter().map(|w| w.expect("all pinned")).collect())
     }
 
     /// An error once a lookup has waited [`ROOM_TIMEOUT`] for room that only experts held
@@ -568,8 +557,8 @@ impl ExpertSource for TieredExperts {
     fn compute_in_place(
         &self,
         layer: usize,
+        groups: &ExpertGroups,
         experts: &[usize],
-        n_rows: &[usize],
     ) -> Result<Vec<(usize, Arc<ExpertWeights>)>> {
         let inner = &*self.inner;
         let (costs, missing) = {
@@ -577,20 +566,20 @@ impl ExpertSource for TieredExperts {
             let Some(costs) = s.placement else {
                 return Ok(Vec::new());
             };
-            let missing: Vec<(usize, usize)> = experts
+            let missing: Vec<usize> = experts
                 .iter()
-                .zip(n_rows)
-                .filter(|(&expert, _)| {
+                .copied()
+                .filter(|&expert| {
                     let key = ExpertKey { layer, expert };
                     !s.resident.contains_key(&key) && !s.in_flight.contains_key(&key)
                 })
-                .map(|(&e, &n)| (e, n))
                 .collect();
             (costs, missing)
         };
         let mut placed = Vec::new();
         let mut rows = 0u64;
-        for (expert, n) in missing {
+        for expert in missing {
+            let n = groups.rows(expert).0.len();
             let key = ExpertKey { layer, expert };
             if costs.place(&inner.lower.expert_cost(key)?, n) != Placement::ComputeInPlace {
                 continue;

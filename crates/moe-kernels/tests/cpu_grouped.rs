@@ -105,17 +105,20 @@ const CASES: [Case; 4] = [
     },
 ];
 
+/// Both gated activations: SiLU-GLU and GPT-OSS's clamped SwiGLU.
+const ACTIVATIONS: [ExpertActivation; 2] = [
+    ExpertActivation::SiluGlu,
+    ExpertActivation::ClampedSwiGlu {
+        alpha: 1.702,
+        limit: 7.0,
+    },
+];
+
 #[test]
 fn grouped_ffn_matches_the_reference_and_waves_match_one_call() {
     let mut rng = Rng::new("grouped_ffn");
     for dtype in [DType::F32, DType::BF16] {
-        for act in [
-            ExpertActivation::SiluGlu,
-            ExpertActivation::ClampedSwiGlu {
-                alpha: 1.702,
-                limit: 7.0,
-            },
-        ] {
+        for act in ACTIVATIONS {
             for c in &CASES {
                 let x = tensor(&mut rng, &[c.n_tokens, c.hidden], dtype);
                 let w = experts(&mut rng, c, dtype);
@@ -170,13 +173,7 @@ fn grouped_ffn_matches_the_reference_and_waves_match_one_call() {
 fn q8_grouped_ffn_matches_the_dequantized_reference() {
     let mut rng = Rng::new("q8_grouped_ffn");
     for dtype in [DType::F32, DType::BF16] {
-        for act in [
-            ExpertActivation::SiluGlu,
-            ExpertActivation::ClampedSwiGlu {
-                alpha: 1.702,
-                limit: 7.0,
-            },
-        ] {
+        for act in ACTIVATIONS {
             for c in &CASES {
                 let x = tensor(&mut rng, &[c.n_tokens, c.hidden], dtype);
                 let float: Vec<ExpertWeights> = experts(&mut rng, c, DType::F32)

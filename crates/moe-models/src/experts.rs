@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moe_core::{Error, ExpertKey, Result};
-use moe_kernels::{ExpertDtype, ExpertWeights};
+use moe_kernels::{ExpertDtype, ExpertGroups, ExpertWeights};
 use moe_loader::{TensorLocation, TensorLookup};
 
 /// Checkpoint names of one expert's three projections, relative to the expert's prefix
@@ -268,6 +268,12 @@ impl ExpertOnDisk {
         (self.hidden, self.intermediate)
     }
 
+    /// The compute dtype the expert decodes to (before any int8 quantization): its
+    /// activations' dtype too.
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Whether int8 quantization reads the decoded float matrices in place (bf16 and f32
     /// compute dtypes) rather than widening a copy to f32 first.
     pub fn quantizes_in_place(&self) -> bool {
@@ -491,16 +497,16 @@ pub trait ExpertSource: Send + Sync {
     }
 
     /// Fiddler's choice for the experts of `layer` this source does not hold in its fast tier:
-    /// those of `experts` (`n_rows[i]` token rows routed to `experts[i]`) whose rows are
-    /// cheaper to compute where the weights live than to bring the weights up, each with
-    /// those weights (on the lower tier's device, held for the caller). The caller computes
-    /// them there and leaves them out of [`ExpertSource::experts`]. The default, and any
-    /// source whose lower tier cannot compute (disk): none.
+    /// those of `experts` (active in `groups`, which says how many token rows each has) whose
+    /// rows are cheaper to compute where the weights live than to bring the weights up, each
+    /// with those weights (on the lower tier's device, held for the caller). The caller
+    /// computes them there and leaves them out of [`ExpertSource::experts`]. The default, and
+    /// any source whose lower tier cannot compute (disk): none.
     fn compute_in_place(
         &self,
         _layer: usize,
+        _groups: &ExpertGroups,
         _experts: &[usize],
-        _n_rows: &[usize],
     ) -> Result<Vec<(usize, Arc<ExpertWeights>)>> {
         Ok(Vec::new())
     }

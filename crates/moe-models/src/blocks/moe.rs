@@ -95,10 +95,9 @@ impl SparseMoeBlock {
         let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
         let active: Vec<usize> = groups.active_experts().collect();
         self.experts.routed(self.layer, n_tokens, &active);
-        let n_rows: Vec<usize> = active.iter().map(|&e| groups.rows(e).0.len()).collect();
         let mut in_place = self
             .experts
-            .compute_in_place(self.layer, &active, &n_rows)?;
+            .compute_in_place(self.layer, &groups, &active)?;
         in_place.sort_by_key(|(e, _)| *e);
         let mut y = if in_place.is_empty() {
             self.routed_here(x, Some(&routing), &groups, &active)?
@@ -170,7 +169,6 @@ impl SparseMoeBlock {
         groups: &ExpertGroups,
         in_place: &[(usize, Arc<moe_kernels::ExpertWeights>)],
     ) -> Result<Tensor> {
-        let (n_tokens, hidden) = x.dims2()?;
         let there = in_place[0].1.gate.device().clone();
         let x_there = x.to_device(&there)?;
         if there.is_cpu() && numerics() == Numerics::Fast {
@@ -182,17 +180,11 @@ impl SparseMoeBlock {
                 return Ok(y.to_device(x.device())?);
             }
         }
-        let mut outputs = Vec::with_capacity(in_place.len());
-        for (expert, weights) in in_place {
-            let (rows, _) = groups.rows(*expert);
-            let rows = Tensor::from_slice(rows, rows.len(), &there)?;
-            outputs.push(expert_ffn(
-                &x_there.index_select(&rows, 0)?,
-                weights,
-                self.activation,
-            )?);
-        }
-        let y = combine(n_tokens, hidden, groups, &outputs, x.dtype(), &there)?;
+        let y = self.per_expert(
+            &x_there,
+            groups,
+            in_place.iter().map(|(e, w)| (*e, Ok(w.clone()))),
+        )?;
         Ok(y.to_device(x.device())?)
     }
 
@@ -278,17 +270,33 @@ impl SparseMoeBlock {
         groups: &ExpertGroups,
         active: &[usize],
     ) -> Result<Tensor> {
+        let weights = active.iter().map(|&expert| {
+            let key = ExpertKey {
+                layer: self.layer,
+                expert,
+            };
+            (expert, self.experts.expert(key))
+        });
+        self.per_expert(x, groups, weights)
+    }
+
+    /// [`expert_ffn`] for each `(expert, weights)` — the active experts of `groups` in
+    /// increasing id order, each fetched only when its turn comes (a budgeted source holds one
+    /// expert at a time here) — then [`combine`] on `x`'s device.
+    fn per_expert(
+        &self,
+        x: &Tensor,
+        groups: &ExpertGroups,
+        experts: impl Iterator<Item = (usize, Result<Arc<moe_kernels::ExpertWeights>>)>,
+    ) -> Result<Tensor> {
         let (n_tokens, hidden) = x.dims2()?;
-        let mut outputs = Vec::with_capacity(active.len());
-        for &expert in active {
+        let mut outputs = Vec::new();
+        for (expert, weights) in experts {
+            let weights = weights?;
             let (rows, _) = groups.rows(expert);
             let rows = Tensor::from_slice(rows, rows.len(), x.device())?;
             // [n_rows, hidden]
             let expert_in = x.index_select(&rows, 0)?;
-            let weights = self.experts.expert(ExpertKey {
-                layer: self.layer,
-                expert,
-            })?;
             if weights.is_q8() {
                 static Q8: std::sync::Once = std::sync::Once::new();
                 Q8.call_once(|| {
