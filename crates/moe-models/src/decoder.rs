@@ -497,7 +497,23 @@ impl DecoderModel {
     }
 
     /// Runs one batched step. Returns, per sequence, f32 logits `[n_wanted, vocab]`.
+    ///
+    /// On the CPU the step runs on a worker of the kernels' thread pool
+    /// ([`moe_kernels::cpu::pool::run_on_pool`]).
     pub fn forward(
+        &self,
+        batch: &mut [SequenceInput<'_>],
+        ctx: ForwardContext<'_>,
+    ) -> Result<Vec<Tensor>> {
+        if self.device().is_cpu() {
+            moe_kernels::cpu::pool::run_on_pool(|| self.forward_here(batch, ctx))
+        } else {
+            self.forward_here(batch, ctx)
+        }
+    }
+
+    /// [`Decoder::forward`] on the calling thread.
+    fn forward_here(
         &self,
         batch: &mut [SequenceInput<'_>],
         mut ctx: ForwardContext<'_>,

@@ -9,8 +9,8 @@
 //! [`Sink`], which stores it ([`StoreSink`]) or, in the MoE FFN, scatter-accumulates it.
 //! From [`PACKED_MIN_ROWS`](super::gemm_packed::PACKED_MIN_ROWS) rows of `x` on (prefill)
 //! the columns go through widened packed panels instead ([`super::gemm_packed`]).
-//! Without AVX2/FMA (detected at run time) a scalar loop computes the same tiles, and says so
-//! once on stderr.
+//! With AVX-512 (detected at run time) the few-rows case goes to [`super::gemm_avx512`]
+//! instead, and the packed panels use a 12-row AVX-512 microkernel. Without AVX2/FMA a scalar loop computes the same tiles, and says so once on stderr.
 
 use std::sync::OnceLock;
 
@@ -137,13 +137,37 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
         x.len() >= m * k && w.len() >= cols.end * k,
         "matmul_nt_cols: short operands"
     );
-    let avx2 = has_avx2_fma();
     #[cfg(target_arch = "x86_64")]
-    if avx2 && m >= super::gemm_packed::PACKED_MIN_ROWS {
+    if has_avx2_fma() && m >= super::gemm_packed::PACKED_MIN_ROWS {
         // SAFETY: AVX2/FMA detected; operand lengths asserted above.
         unsafe { super::gemm_packed::matmul_nt_packed(x, m, k, w, cols, sink) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm_avx512::use_avx512() {
+        // SAFETY: AVX-512 F/BW detected; operand lengths asserted above.
+        unsafe { super::gemm_avx512::matmul_nt_rows(x, m, k, w, cols, sink) };
+        return;
+    }
+    matmul_nt_cols_avx2(x, m, k, w, cols, sink);
+}
+
+/// [`matmul_nt_cols`] through the AVX2/FMA register tiles (or their scalar fallback), whatever
+/// the number of rows: the few-rows path of CPUs without AVX-512, and the twin the AVX-512
+/// tiles are tested against.
+pub fn matmul_nt_cols_avx2<W: WeightElem, S: Sink>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    cols: std::ops::Range<usize>,
+    sink: &S,
+) {
+    assert!(
+        x.len() >= m * k && w.len() >= cols.end * k,
+        "matmul_nt_cols_avx2: short operands"
+    );
+    let avx2 = has_avx2_fma();
     let mut c0 = cols.start;
     while c0 < cols.end {
         let c1 = (c0 + COL_BLOCK).min(cols.end);
@@ -251,10 +275,20 @@ unsafe fn tile_avx2<W: WeightElem, S: Sink, const R: usize, const C: usize>(
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut p = 0;
+    // One cache line of each of the next tile's weight rows is prefetched every
+    // `line_step` elements (the hardware prefetcher alone leaves bandwidth unused).
+    let line_step = 64 / std::mem::size_of::<W>();
     // SAFETY (whole body): every load reads inside rows of length k starting at x / w, as
-    // `p + 8 <= k` in the vector loop and `p < k` in the tail.
+    // `p + 8 <= k` in the vector loop and `p < k` in the tail. Prefetches may point past
+    // `w`'s end: wrapping pointer arithmetic, and a prefetch never faults.
     unsafe {
         while p + 8 <= k {
+            if p % line_step == 0 {
+                for j in 0..C {
+                    let next = w.wrapping_add((C + j) * k + p);
+                    _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                }
+            }
             let mut xv = [_mm256_setzero_ps(); R];
             for (i, v) in xv.iter_mut().enumerate() {
                 *v = _mm256_loadu_ps(x.add(i * k + p));

@@ -5,7 +5,11 @@
 //! block of up to 6 rows of `x` runs the 6×16 AVX2 microkernel over it: per step of `k`, two
 //! panel loads, six broadcasts of `x` and twelve FMAs, all 12 accumulators in registers. The
 //! widening cost is paid once per 16 columns instead of once per 3 rows, and no horizontal sums
-//! are needed. Used by [`super::gemm::matmul_nt_cols`] when `x` has at least
+//! are needed. With AVX-512, 32-column panels feed an 8×32 microkernel (two 512-bit panel
+//! loads, 8 broadcasts and 16 FMAs per step), `x` is packed into 8-row blocks and a group of
+//! panels is widened at once so each block of `x` stays in cache across them. This project's
+//! Xeons issue two 512-bit FMAs a cycle (twice the AVX2 kernel's multiply-adds); their
+//! `vdpbf16ps` issues at a quarter of that, so bf16 dot products would not pay. Used by [`super::gemm::matmul_nt_cols`] when `x` has at least
 //! [`PACKED_MIN_ROWS`] rows and the CPU has AVX2/FMA.
 
 use super::gemm::Sink;
@@ -17,6 +21,10 @@ pub const PACKED_MIN_ROWS: usize = 8;
 const PANEL: usize = 16;
 /// Rows of `x` per microkernel call.
 const MR: usize = 6;
+/// Rows of `x` per AVX-512 microkernel call.
+const MR_AVX512: usize = 8;
+/// Output columns per AVX-512 panel (two 512-bit vectors: 16 accumulators for 8 rows).
+const PANEL_AVX512: usize = 32;
 
 /// `sink ← x · W[cols]ᵀ` for `x` `[m, k]` with packed panels (AVX2/FMA required).
 ///
@@ -32,12 +40,17 @@ pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
     sink: &S,
 ) {
     assert!(x.len() >= m * k && w.len() >= cols.end * k);
+    if super::gemm_avx512::use_avx512() {
+        // SAFETY: AVX-512 detected (AVX2 is this function's precondition).
+        unsafe { matmul_nt_packed_avx512(x, m, k, w, cols, sink) };
+        return;
+    }
     let mut panel = vec![0f32; k * PANEL];
     let mut c0 = cols.start;
     while c0 < cols.end {
         let nc = (cols.end - c0).min(PANEL);
         // SAFETY: AVX2/FMA are this function's precondition.
-        unsafe { pack_panel(w, k, c0, nc, &mut panel) };
+        unsafe { pack_panel(w, k, c0, nc, &mut panel, PANEL) };
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(MR);
@@ -66,32 +79,197 @@ pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
     }
 }
 
-/// Widens rows `c0..c0 + nc` of `w` into `panel` as `[k][16]` (missing columns zero):
+/// `x` in blocks of 8 rows, each laid out `[k][8]` (the last block padded with zeros), so the
+/// microkernel's 8 broadcasts per step read one contiguous 32-byte run instead of 8 rows `4k`
+/// bytes apart (which all fall in one L1 set).
+fn pack_x_blocks(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let blocks = m.div_ceil(MR_AVX512);
+    let mut out = vec![0f32; blocks * k * MR_AVX512];
+    for (b, block) in out.chunks_exact_mut(k * MR_AVX512).enumerate() {
+        for i in 0..MR_AVX512.min(m - b * MR_AVX512) {
+            let row = &x[(b * MR_AVX512 + i) * k..][..k];
+            for (p, &v) in row.iter().enumerate() {
+                block[p * MR_AVX512 + i] = v;
+            }
+        }
+    }
+    out
+}
+
+/// Bytes of widened panels packed together by the AVX-512 path: every 8-row block of `x`
+/// then runs against all of them while it is in L1/L2 (instead of `x` streaming from L3
+/// once per 16 columns).
+const PANEL_GROUP_BYTES: usize = 1 << 20;
+
+/// [`matmul_nt_packed`] with the 8×32 AVX-512 microkernel: `x` packed into 8-row blocks
+/// once, the weights widened into a group of panels (up to [`PANEL_GROUP_BYTES`]), then each
+/// block of `x` against each panel of the group.
+///
+/// # Safety
+/// The CPU must have AVX2 and AVX-512 F; `x` holds `m * k` and `w` `cols.end * k` elements.
+#[cfg(target_arch = "x86_64")]
+unsafe fn matmul_nt_packed_avx512<W: WeightElem, S: Sink>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    cols: std::ops::Range<usize>,
+    sink: &S,
+) {
+    let x_blocks = pack_x_blocks(x, m, k);
+    const NP: usize = PANEL_AVX512;
+    let group = (PANEL_GROUP_BYTES / (k * NP * 4)).clamp(1, cols.len().div_ceil(NP));
+    let mut panels = vec![0f32; group * k * NP];
+    let mut c0 = cols.start;
+    while c0 < cols.end {
+        let c1 = (c0 + group * NP).min(cols.end);
+        for (g, panel) in panels.chunks_exact_mut(k * NP).enumerate() {
+            let start = c0 + g * NP;
+            if start < c1 {
+                // SAFETY: AVX2 is the caller's promise; rows start..start + nc exist.
+                unsafe { pack_panel(w, k, start, (c1 - start).min(NP), panel, NP) };
+            }
+        }
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(MR_AVX512);
+            for (g, panel) in panels.chunks_exact(k * NP).enumerate() {
+                let start = c0 + g * NP;
+                if start >= c1 {
+                    break;
+                }
+                let nc = (c1 - start).min(NP);
+                // SAFETY: x_blocks and the panel are packed; AVX-512 is the caller's promise.
+                unsafe { block_panel_avx512(&x_blocks, r0, rows, k, panel, start, nc, sink) };
+            }
+            r0 += rows;
+        }
+        c0 = c1;
+    }
+}
+
+/// Rows `r0..r0 + rows` (one block of [`pack_x_blocks`]) against one packed 32-column panel
+/// (columns `c0..c0 + nc`): two panel loads, `rows` broadcasts and `2 × rows` FMAs per step
+/// of `k` (with one 16-wide vector per row the broadcasts saturated the load ports).
+///
+/// # Safety
+/// The CPU must have AVX-512 F; the block at `r0` must be inside `x_blocks` and `panel` hold
+/// `k * 32` floats.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_panel_avx512<S: Sink>(
+    x_blocks: &[f32],
+    r0: usize,
+    rows: usize,
+    k: usize,
+    panel: &[f32],
+    c0: usize,
+    nc: usize,
+    sink: &S,
+) {
+    assert!(x_blocks.len() >= (r0 + MR_AVX512) * k && panel.len() >= k * PANEL_AVX512);
+    {
+        let xp = x_blocks[r0 * k..].as_ptr();
+        let pp = panel.as_ptr();
+        // SAFETY: `rows` rows of x from r0 and the k × 32 panel are in bounds; AVX-512 is
+        // the caller's promise.
+        let out = unsafe {
+            match rows {
+                1 => micro_avx512::<1>(xp, k, pp),
+                2 => micro_avx512::<2>(xp, k, pp),
+                3 => micro_avx512::<3>(xp, k, pp),
+                4 => micro_avx512::<4>(xp, k, pp),
+                5 => micro_avx512::<5>(xp, k, pp),
+                6 => micro_avx512::<6>(xp, k, pp),
+                7 => micro_avx512::<7>(xp, k, pp),
+                _ => micro_avx512::<8>(xp, k, pp),
+            }
+        };
+        for (i, row) in out.iter().take(rows).enumerate() {
+            for (j, &v) in row.iter().take(nc).enumerate() {
+                // SAFETY: one put per (row, col); the calling task owns these columns.
+                unsafe { sink.put(r0 + i, c0 + j, v) };
+            }
+        }
+    }
+}
+
+/// The 8×32 AVX-512 microkernel for `R` rows of one packed block of `x` (`[k][8]`):
+/// `out[i][j] = Σ_p x[p][i] · panel[p][j]`.
+///
+/// # Safety
+/// `x..x + 8*k` and `panel..panel + 32*k` readable; the CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_avx512<const R: usize>(
+    x: *const f32,
+    k: usize,
+    panel: *const f32,
+) -> [[f32; PANEL_AVX512]; MR_AVX512] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // SAFETY (whole body): p < k keeps every x and panel read inside the bounds above.
+    unsafe {
+        for p in 0..k {
+            let b0 = _mm512_loadu_ps(panel.add(p * PANEL_AVX512));
+            let b1 = _mm512_loadu_ps(panel.add(p * PANEL_AVX512 + 16));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(p * MR_AVX512 + i));
+                a[0] = _mm512_fmadd_ps(xv, b0, a[0]);
+                a[1] = _mm512_fmadd_ps(xv, b1, a[1]);
+            }
+        }
+        let mut out = [[0f32; PANEL_AVX512]; MR_AVX512];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+        }
+        out
+    }
+}
+
+/// Widens rows `c0..c0 + nc` of `w` into `panel` as `[k][width]` (missing columns zero):
 /// 8×8 blocks transposed in AVX2 registers, a scalar loop for the ragged edges.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-unsafe fn pack_panel<W: WeightElem>(w: &[W], k: usize, c0: usize, nc: usize, panel: &mut [f32]) {
-    assert!(panel.len() >= k * PANEL && w.len() >= (c0 + nc) * k);
+unsafe fn pack_panel<W: WeightElem>(
+    w: &[W],
+    k: usize,
+    c0: usize,
+    nc: usize,
+    panel: &mut [f32],
+    width: usize,
+) {
+    assert!(panel.len() >= k * width && w.len() >= (c0 + nc) * k && width % 8 == 0);
     let k8 = k / 8 * 8;
-    for group in 0..PANEL / 8 {
+    for group in 0..width / 8 {
         let j0 = group * 8;
         if nc >= j0 + 8 {
             for p in (0..k8).step_by(8) {
                 // SAFETY: rows c0+j0..c0+j0+8 have k elements, p + 8 <= k; the panel writes
                 // (p + q) * 16 + j0 + 8 <= k * 16; AVX2 is this function's precondition.
-                unsafe { transpose8(w, k, c0 + j0, p, panel.as_mut_ptr().add(p * PANEL + j0)) };
+                unsafe {
+                    transpose8(
+                        w,
+                        k,
+                        c0 + j0,
+                        p,
+                        panel.as_mut_ptr().add(p * width + j0),
+                        width,
+                    )
+                };
             }
             for j in j0..j0 + 8 {
                 for p in k8..k {
-                    panel[p * PANEL + j] = w[(c0 + j) * k + p].to_f32();
+                    panel[p * width + j] = w[(c0 + j) * k + p].to_f32();
                 }
             }
         } else {
             for j in j0..j0 + 8 {
                 for p in 0..k {
-                    panel[p * PANEL + j] = if j < nc {
+                    panel[p * width + j] = if j < nc {
                         w[(c0 + j) * k + p].to_f32()
                     } else {
                         0.0
@@ -103,14 +281,21 @@ unsafe fn pack_panel<W: WeightElem>(w: &[W], k: usize, c0: usize, nc: usize, pan
 }
 
 /// Loads 8 elements at column `p` of 8 consecutive rows (from `row`) of `w`, widened, and
-/// stores them transposed: `out[q * 16 + i] = w[row + i][p + q]`.
+/// stores them transposed: `out[q * stride + i] = w[row + i][p + q]`.
 ///
 /// # Safety
 /// The 8 × 8 block must be inside `w`, the 8 strided 8-float writes inside `out`'s buffer,
 /// and the CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn transpose8<W: WeightElem>(w: &[W], k: usize, row: usize, p: usize, out: *mut f32) {
+unsafe fn transpose8<W: WeightElem>(
+    w: &[W],
+    k: usize,
+    row: usize,
+    p: usize,
+    out: *mut f32,
+    stride: usize,
+) {
     use std::arch::x86_64::*;
     // SAFETY (whole body): bounds as documented above.
     unsafe {
@@ -143,7 +328,7 @@ unsafe fn transpose8<W: WeightElem>(w: &[W], k: usize, row: usize, p: usize, out
             _mm256_permute2f128_ps::<0x31>(u3, u7),
         ];
         for (q, v) in rows.iter().enumerate() {
-            _mm256_storeu_ps(out.add(q * PANEL), *v);
+            _mm256_storeu_ps(out.add(q * stride), *v);
         }
     }
 }

@@ -8,7 +8,10 @@
 //! * [`pool`]: the persistent thread pool the kernels split their work over.
 //! * [`gemm`]: `x · Wᵀ` with `x` f32 and `W` `[out, in]` in any weight type, AVX2/FMA tiles
 //!   with a scalar fallback, and an output "sink" so callers can store or scatter-accumulate.
-//! * [`gemm_packed`]: the many-rows case: weights widened once into panels, a 6×16 microkernel.
+//! * [`gemm_avx512`]: the few-rows (decode) case on AVX-512 CPUs: 32 weights per load widened
+//!   without shuffles, the next tile prefetched.
+//! * [`gemm_packed`]: the many-rows case: weights widened once into panels, a 6×16 AVX2 or
+//!   12×16 AVX-512 microkernel.
 //! * [`moe_ffn`]: the grouped expert FFN: gate and up in one task with the activation fused,
 //!   the down projection accumulating `weight × output` straight into each token's row.
 //!
@@ -17,6 +20,7 @@
 //! transformers'.
 
 pub mod gemm;
+pub mod gemm_avx512;
 pub mod gemm_packed;
 pub mod moe_ffn;
 pub mod numerics;
@@ -26,7 +30,9 @@ pub mod shared;
 pub mod tensors;
 pub mod weights;
 
-pub use gemm::{has_avx2_fma, matmul_nt_cols, matmul_nt_into, Sink, StoreSink};
+pub use gemm::{
+    has_avx2_fma, matmul_nt_cols, matmul_nt_cols_avx2, matmul_nt_into, Sink, StoreSink,
+};
 pub use moe_ffn::{grouped_expert_ffn, ExpertSlices};
 pub use numerics::{numerics, set_numerics, Numerics};
 pub use shared::SharedMut;

@@ -1,6 +1,10 @@
 //! The thread pool the CPU kernels split work over: rayon's global pool (persistent worker
 //! threads, one per core, shared with candle's own parallel ops), so a kernel call costs a
-//! wake-up, not a thread spawn.
+//! wake-up, not a thread spawn; [`run_on_pool`] moves a whole forward pass onto a worker so
+//! that the calls fork from inside the pool.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -19,6 +23,56 @@ pub fn for_each_task(n_tasks: usize, f: impl Fn(usize) + Send + Sync) {
     }
 }
 
+/// How long a helper worker keeps looking for work with nothing to do before it goes back to
+/// rayon's sleep ([`run_on_pool`]).
+const SPIN_LIMIT: Duration = Duration::from_millis(2);
+
+/// Runs `f` on one of the pool's worker threads and returns its result, with the other
+/// workers kept awake meanwhile. A forward pass runs this way: its hundred-odd parallel kernel
+/// calls per token then fork from a worker that takes its own share, and the other workers,
+/// instead of falling asleep between calls (rayon parks an idle worker after a few dozen
+/// yields, and waking it is a futex round trip, a tenth of a decode step here), keep polling
+/// for the next call's tasks. A helper gives up after [`SPIN_LIMIT`] without work, so a long
+/// serial stretch (a wait for the expert cache's disk reads, say) does not burn a core.
+pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if n_threads() <= 1 {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        let owner = rayon::current_thread_index();
+        for _ in 1..n_threads() {
+            let done = &done;
+            s.spawn(move |_| keep_busy(done, owner));
+        }
+        let result = f();
+        done.store(true, Ordering::Release);
+        result
+    })
+}
+
+/// A helper worker's loop: run whatever tasks appear until `done`, or until it has found
+/// none for [`SPIN_LIMIT`]. Returns at once on the thread that runs the forward pass itself
+/// (`owner`), which may pick this job up while it waits inside a kernel call.
+fn keep_busy(done: &AtomicBool, owner: Option<usize>) {
+    if rayon::current_thread_index() == owner {
+        return;
+    }
+    let mut idle_since: Option<Instant> = None;
+    while !done.load(Ordering::Acquire) {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => idle_since = None,
+            Some(rayon::Yield::Idle) => {
+                if idle_since.get_or_insert_with(Instant::now).elapsed() > SPIN_LIMIT {
+                    return;
+                }
+                std::hint::spin_loop();
+            }
+            None => return,
+        }
+    }
+}
+
 /// Splits `n` items into contiguous chunks, each a multiple of `align` items (but the last),
 /// about `per_thread` chunks per worker thread and at least `min_chunk` items per chunk.
 /// Returns the chunk size.
@@ -26,4 +80,34 @@ pub fn chunk_size(n: usize, align: usize, min_chunk: usize, per_thread: usize) -
     let n_chunks = (n_threads() * per_thread).max(1);
     let size = n.div_ceil(n_chunks).max(min_chunk).max(1);
     size.div_ceil(align) * align
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn run_on_pool_runs_on_a_worker_and_its_tasks_all_run() {
+        let hits = AtomicUsize::new(0);
+        let (on_worker, sum) = run_on_pool(|| {
+            let mut sum = 0;
+            for round in 0..50 {
+                for_each_task(16, |t| {
+                    hits.fetch_add(round * 16 + t, Ordering::Relaxed);
+                });
+                sum += round;
+            }
+            (
+                rayon::current_thread_index().is_some() || n_threads() <= 1,
+                sum,
+            )
+        });
+        assert!(on_worker);
+        assert_eq!(sum, (0..50).sum::<usize>());
+        assert_eq!(hits.into_inner(), (0..800).sum::<usize>());
+        // Nested (from a worker) and again from outside: no deadlock, same answers.
+        assert_eq!(run_on_pool(|| run_on_pool(|| 7)), 7);
+        assert_eq!(run_on_pool(|| 8), 8);
+    }
 }

@@ -1,5 +1,6 @@
 //! Weight element types the CPU kernels read, each widened to f32 in registers: the weights
-//! stay in memory in their stored type (bf16 moves half the bytes of f32).
+//! stay in memory in their stored type (bf16 moves half the bytes of f32). Each type says how
+//! to widen 8 elements (AVX2) and 32 (AVX-512, in the lane order that needs no shuffle).
 
 use half::bf16;
 
@@ -15,6 +16,23 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     /// `#[target_feature(enable = "avx2,fma")]` functions reached after runtime detection).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Loads 32 consecutive elements at `p`, widened to f32 as two vectors `(a, b)` in the
+    /// order [`WeightElem::split_x`] gives `x`: `Σ x·w` over the 32 is `x_a·a + x_b·b`.
+    ///
+    /// # Safety
+    /// `p..p + 32` must be readable and the CPU must support AVX-512 F and BW (callers are
+    /// `#[target_feature(enable = "avx512f,avx512bw")]` functions reached after detection).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load32_split(
+        p: *const Self,
+    ) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512);
+
+    /// Writes `x` reordered for [`WeightElem::load32_split`]: each whole block of 32 as its
+    /// two halves' order, a tail shorter than 32 unchanged. The default keeps `x` as it is.
+    fn split_x(x: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(x);
+    }
 }
 
 impl WeightElem for f32 {
@@ -28,6 +46,16 @@ impl WeightElem for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller guarantees 8 readable f32 and AVX.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load32_split(
+        p: *const Self,
+    ) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 32 readable f32 and AVX-512 F.
+        unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) }
     }
 }
 
@@ -48,6 +76,39 @@ impl WeightElem for bf16 {
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
         }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load32_split(
+        p: *const Self,
+    ) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 32 readable bf16 (64 bytes) and AVX-512 F/BW. Each
+        // 32-bit lane holds two bf16: the even element in the low half (shift it up), the
+        // odd one in the high half (clear the low half). No shuffle.
+        unsafe {
+            let raw = _mm512_loadu_si512(p as *const __m512i);
+            let even = _mm512_slli_epi32(raw, 16);
+            let odd = _mm512_and_si512(raw, _mm512_set1_epi32(0xFFFF_0000_u32 as i32));
+            (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
+        }
+    }
+
+    /// Even elements of each block of 32 first, then the odd ones (the lanes of
+    /// [`WeightElem::load32_split`]).
+    fn split_x(x: &[f32], out: &mut [f32]) {
+        let blocks = x.len() / 32 * 32;
+        for (src, dst) in x[..blocks]
+            .chunks_exact(32)
+            .zip(out[..blocks].chunks_exact_mut(32))
+        {
+            for l in 0..16 {
+                dst[l] = src[2 * l];
+                dst[16 + l] = src[2 * l + 1];
+            }
+        }
+        out[blocks..].copy_from_slice(&x[blocks..]);
+    }
 }
 
 impl WeightElem for i8 {
@@ -65,6 +126,24 @@ impl WeightElem for i8 {
         unsafe {
             let raw = _mm_loadl_epi64(p as *const __m128i);
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load32_split(
+        p: *const Self,
+    ) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 32 readable bytes and AVX-512 F: sign-extend 16 bytes
+        // at a time to 32 bits and convert (exact).
+        unsafe {
+            let lo = _mm_loadu_si128(p as *const __m128i);
+            let hi = _mm_loadu_si128(p.add(16) as *const __m128i);
+            (
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
+            )
         }
     }
 }

@@ -28,7 +28,7 @@ pub struct SharedExpert {
 }
 
 /// Receives every routing decision of a forward pass (tests, statistics, prefetch).
-pub trait RoutingObserver {
+pub trait RoutingObserver: Send {
     /// Called once per MoE layer with the router logits (`[n_tokens, n_experts]`) and the
     /// routing of the packed batch.
     fn on_routing(&mut self, layer: usize, logits: &Tensor, routing: &Routing);
