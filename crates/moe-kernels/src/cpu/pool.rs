@@ -34,10 +34,19 @@ const SPIN_LIMIT: Duration = Duration::from_millis(2);
 /// yields, and waking it is a futex round trip, a tenth of a decode step here), keep polling
 /// for the next call's tasks. A helper gives up after [`SPIN_LIMIT`] without work, so a long
 /// serial stretch (a wait for the expert cache's disk reads, say) does not burn a core.
+///
+/// One forward pass at a time runs this way: a caller that finds the pool taken runs `f` on
+/// its own thread (its kernel calls still use the pool, from outside). Two forward passes on
+/// the pool at once could end up on one worker's stack (a worker waiting inside a kernel call
+/// runs whatever job is queued, another forward pass included), and if the upper one then
+/// waited for experts the lower one holds, neither could go on.
 pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if n_threads() <= 1 {
+    if n_threads() <= 1 || rayon::current_thread_index().is_some() {
         return f();
     }
+    let Some(_taken) = PoolTaken::take() else {
+        return f();
+    };
     let done = AtomicBool::new(false);
     rayon::scope(|s| {
         let owner = rayon::current_thread_index();
@@ -49,6 +58,29 @@ pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         done.store(true, Ordering::Release);
         result
     })
+}
+
+/// Whether a [`run_on_pool`] call holds the pool.
+static POOL_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Holds [`POOL_TAKEN`] until dropped (also when the forward pass panics).
+struct PoolTaken;
+
+impl PoolTaken {
+    fn take() -> Option<Self> {
+        POOL_TAKEN
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            // Not `then_some(PoolTaken)`: that builds (and on failure drops, releasing the
+            // pool) a guard even when the pool is taken.
+            .then(|| PoolTaken)
+    }
+}
+
+impl Drop for PoolTaken {
+    fn drop(&mut self) {
+        POOL_TAKEN.store(false, Ordering::Release);
+    }
 }
 
 /// A helper worker's loop: run whatever tasks appear until `done`, or until it has found
@@ -104,6 +136,15 @@ mod tests {
             )
         });
         assert!(on_worker);
+        // While one call holds the pool, another runs on its own thread.
+        let inner_on_caller = run_on_pool(|| {
+            std::thread::scope(|s| {
+                s.spawn(|| run_on_pool(|| rayon::current_thread_index().is_none()))
+                    .join()
+                    .unwrap()
+            })
+        });
+        assert!(inner_on_caller || n_threads() <= 1);
         assert_eq!(sum, (0..50).sum::<usize>());
         assert_eq!(hits.into_inner(), (0..800).sum::<usize>());
         // Nested (from a worker) and again from outside: no deadlock, same answers.
