@@ -81,19 +81,49 @@ pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
 
 /// `x` in blocks of 8 rows, each laid out `[k][8]` (the last block padded with zeros), so the
 /// microkernel's 8 broadcasts per step read one contiguous 32-byte run instead of 8 rows `4k`
-/// bytes apart (which all fall in one L1 set).
-fn pack_x_blocks(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+/// bytes apart (which all fall in one L1 set). Whole 8 × 8 tiles go through the register
+/// transpose; the ragged edges are copied one by one. Writes into `out` (resized).
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_x_blocks(x: &[f32], m: usize, k: usize, out: &mut Vec<f32>) {
     let blocks = m.div_ceil(MR_AVX512);
-    let mut out = vec![0f32; blocks * k * MR_AVX512];
+    // Every element is written below (padding included), so no zero fill of the whole buffer.
+    out.resize(blocks * k * MR_AVX512, 0.0);
+    let k8 = k / 8 * 8;
     for (b, block) in out.chunks_exact_mut(k * MR_AVX512).enumerate() {
-        for i in 0..MR_AVX512.min(m - b * MR_AVX512) {
+        let rows = MR_AVX512.min(m - b * MR_AVX512);
+        let mut done = 0;
+        if rows == MR_AVX512 {
+            for p in (0..k8).step_by(8) {
+                // SAFETY: rows b*8..b*8+8 of x have k elements, p + 8 <= k; the 8 writes of 8
+                // floats at (p + q) * 8 stay inside this block; AVX2 is the caller's promise.
+                unsafe {
+                    transpose8(
+                        x,
+                        k,
+                        b * MR_AVX512,
+                        p,
+                        block.as_mut_ptr().add(p * MR_AVX512),
+                        8,
+                    )
+                };
+            }
+            done = k8;
+        }
+        for i in 0..rows {
             let row = &x[(b * MR_AVX512 + i) * k..][..k];
-            for (p, &v) in row.iter().enumerate() {
-                block[p * MR_AVX512 + i] = v;
+            for p in done..k {
+                block[p * MR_AVX512 + i] = row[p];
+            }
+        }
+        for i in rows..MR_AVX512 {
+            for p in 0..k {
+                block[p * MR_AVX512 + i] = 0.0;
             }
         }
     }
-    out
 }
 
 /// Bytes of widened panels packed together by the AVX-512 path: every 8-row block of `x`
@@ -116,10 +146,63 @@ unsafe fn matmul_nt_packed_avx512<W: WeightElem, S: Sink>(
     cols: std::ops::Range<usize>,
     sink: &S,
 ) {
-    let x_blocks = pack_x_blocks(x, m, k);
+    X_BLOCKS.with_borrow_mut(|x_blocks| {
+        // SAFETY: AVX2 is the caller's promise.
+        unsafe { pack_x_blocks(x, m, k, x_blocks) };
+        // SAFETY: forwarded from the caller; x_blocks is packed.
+        unsafe { packed_avx512_with(x_blocks, m, k, w, cols, sink) }
+    });
+}
+
+thread_local! {
+    /// Per-thread buffer of `x` packed by [`pack_x_blocks`] (no allocation per call once warm).
+    static X_BLOCKS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The panel loop of [`matmul_nt_packed_avx512`] over `x` already packed.
+///
+/// # Safety
+/// As [`matmul_nt_packed_avx512`]; `x_blocks` is `x` packed by [`pack_x_blocks`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn packed_avx512_with<W: WeightElem, S: Sink>(
+    x_blocks: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    cols: std::ops::Range<usize>,
+    sink: &S,
+) {
     const NP: usize = PANEL_AVX512;
     let group = (PANEL_GROUP_BYTES / (k * NP * 4)).clamp(1, cols.len().div_ceil(NP));
-    let mut panels = vec![0f32; group * k * NP];
+    PANELS.with_borrow_mut(|panels| {
+        panels.resize(group * k * NP, 0.0);
+        // SAFETY: forwarded from the caller.
+        unsafe { panel_groups_avx512(x_blocks, m, k, w, cols, sink, group, panels) }
+    });
+}
+
+thread_local! {
+    /// Per-thread buffer of a group of widened panels.
+    static PANELS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The loop of [`packed_avx512_with`] over groups of `group` panels held in `panels`.
+///
+/// # Safety
+/// As [`matmul_nt_packed_avx512`]; `panels` holds `group * k * 32` floats.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_groups_avx512<W: WeightElem, S: Sink>(
+    x_blocks: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    cols: std::ops::Range<usize>,
+    sink: &S,
+    group: usize,
+    panels: &mut [f32],
+) {
+    const NP: usize = PANEL_AVX512;
     let mut c0 = cols.start;
     while c0 < cols.end {
         let c1 = (c0 + group * NP).min(cols.end);
@@ -140,7 +223,7 @@ unsafe fn matmul_nt_packed_avx512<W: WeightElem, S: Sink>(
                 }
                 let nc = (c1 - start).min(NP);
                 // SAFETY: x_blocks and the panel are packed; AVX-512 is the caller's promise.
-                unsafe { block_panel_avx512(&x_blocks, r0, rows, k, panel, start, nc, sink) };
+                unsafe { block_panel_avx512(x_blocks, r0, rows, k, panel, start, nc, sink) };
             }
             r0 += rows;
         }
