@@ -67,12 +67,8 @@ pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
                     _ => micro::<6>(xp, k, panel.as_ptr()),
                 }
             };
-            for (i, row) in out.iter().take(rows).enumerate() {
-                for (j, &v) in row.iter().take(nc).enumerate() {
-                    // SAFETY: one put per (row, col); this task owns columns `cols`.
-                    unsafe { sink.put(r0 + i, c0 + j, v) };
-                }
-            }
+            // SAFETY: this task owns columns `cols`; each (row, col) is emitted once.
+            unsafe { emit(&out, rows, nc, r0, c0, sink) };
             r0 += rows;
         }
         c0 += nc;
@@ -268,11 +264,29 @@ unsafe fn block_panel_avx512<S: Sink>(
                 _ => micro_avx512::<8>(xp, k, pp),
             }
         };
-        for (i, row) in out.iter().take(rows).enumerate() {
-            for (j, &v) in row.iter().take(nc).enumerate() {
-                // SAFETY: one put per (row, col); the calling task owns these columns.
-                unsafe { sink.put(r0 + i, c0 + j, v) };
-            }
+        // SAFETY: the calling task owns these columns; each (row, col) is emitted once.
+        unsafe { emit(&out, rows, nc, r0, c0, sink) };
+    }
+}
+
+/// Hands the first `rows` × `nc` sums of a microkernel's output to `sink`, at rows from `r0`
+/// and columns from `c0`.
+///
+/// # Safety
+/// The [`Sink`] contract: the calling task owns these output columns and emits each
+/// `(row, col)` once.
+unsafe fn emit<S: Sink, const N: usize>(
+    out: &[[f32; N]],
+    rows: usize,
+    nc: usize,
+    r0: usize,
+    c0: usize,
+    sink: &S,
+) {
+    for (i, row) in out.iter().take(rows).enumerate() {
+        for (j, &v) in row.iter().take(nc).enumerate() {
+            // SAFETY: forwarded from the caller.
+            unsafe { sink.put(r0 + i, c0 + j, v) };
         }
     }
 }
