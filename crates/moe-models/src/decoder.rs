@@ -498,16 +498,14 @@ impl DecoderModel {
 
     /// Runs one batched step. Returns, per sequence, f32 logits `[n_wanted, vocab]`.
     ///
-    /// On the CPU, with experts that are all resident, the step runs on a worker of the
-    /// kernels' thread pool ([`moe_kernels::cpu::pool::run_on_pool`]; not with an expert
-    /// cache, see
-    /// [`crate::experts::ExpertSource::lookups_may_wait`]).
+    /// On the CPU the step runs on a worker of the kernels' forward-pass pool
+    /// ([`moe_kernels::cpu::pool::run_on_pool`]).
     pub fn forward(
         &self,
         batch: &mut [SequenceInput<'_>],
         ctx: ForwardContext<'_>,
     ) -> Result<Vec<Tensor>> {
-        if self.device().is_cpu() && !self.experts.lookups_may_wait() {
+        if self.device().is_cpu() {
             moe_kernels::cpu::pool::run_on_pool(|| self.forward_here(batch, ctx))
         } else {
             self.forward_here(batch, ctx)

@@ -520,15 +520,6 @@ pub trait ExpertSource: Send + Sync {
 
     /// Bytes of expert weights this source keeps resident.
     fn resident_bytes(&self) -> usize;
-
-    /// Whether a lookup may wait for other callers or a reader thread (a budgeted cache does;
-    /// the default says yes). A forward pass over a source that never waits runs on the
-    /// kernels' thread pool ([`moe_kernels::cpu::pool::run_on_pool`]); one that may wait must
-    /// not: a pool worker that is waiting inside another caller's kernel call can pick up the
-    /// pass, and if the pass then waited for experts that caller holds, neither would go on.
-    fn lookups_may_wait(&self) -> bool {
-        true
-    }
 }
 
 /// Every expert loaded once into memory at start: the source used when no budget is set.
@@ -590,10 +581,6 @@ impl ExpertSource for ResidentExperts {
             .ok_or_else(|| {
                 Error::InvalidRequest(format!("layer {} has no expert {}", key.layer, key.expert))
             })
-    }
-
-    fn lookups_may_wait(&self) -> bool {
-        false
     }
 
     fn resident_bytes(&self) -> usize {

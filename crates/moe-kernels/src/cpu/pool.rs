@@ -4,6 +4,7 @@
 //! that the calls fork from inside the pool.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -27,19 +28,20 @@ pub fn for_each_task(n_tasks: usize, f: impl Fn(usize) + Send + Sync) {
 /// rayon's sleep ([`run_on_pool`]).
 const SPIN_LIMIT: Duration = Duration::from_millis(2);
 
-/// Runs `f` on one of the pool's worker threads and returns its result, with the other
-/// workers kept awake meanwhile. A forward pass runs this way: its hundred-odd parallel kernel
-/// calls per token then fork from a worker that takes its own share, and the other workers,
-/// instead of falling asleep between calls (rayon parks an idle worker after a few dozen
-/// yields, and waking it is a futex round trip, a tenth of a decode step here), keep polling
-/// for the next call's tasks. A helper gives up after [`SPIN_LIMIT`] without work, so a long
-/// serial stretch (a wait for the expert cache's disk reads, say) does not burn a core.
+/// Runs `f` on a worker of the forward-pass pool and returns its result, with that pool's
+/// other workers kept awake meanwhile. A forward pass runs this way: its hundred-odd parallel
+/// kernel calls per token then fork from a worker that takes its own share, and the other
+/// workers, instead of falling asleep between calls (rayon parks an idle worker after a few
+/// dozen yields, and waking it is a futex round trip, a tenth of a decode step here), keep
+/// polling for the next call's tasks. A helper gives up after [`SPIN_LIMIT`] without work, so a
+/// long serial stretch (a wait for the expert cache's disk reads, say) does not burn a core.
 ///
-/// One forward pass at a time runs this way: a caller that finds the pool taken runs `f` on
-/// its own thread (its kernel calls still use the pool, from outside). Two forward passes on
-/// the pool at once could end up on one worker's stack (a worker waiting inside a kernel call
-/// runs whatever job is queued, another forward pass included), and if the upper one then
-/// waited for experts the lower one holds, neither could go on.
+/// The forward-pass pool is a rayon pool of its own, as many threads as the global one, and
+/// one pass at a time holds it; a caller that finds it taken runs `f` on its own thread, whose
+/// kernel calls use the global pool. Keeping the two apart is what makes waiting safe: had the
+/// pass been queued on the global pool, a worker waiting inside another caller's kernel call
+/// could pick it up, and if the pass then waited for experts that caller holds (an expert
+/// cache at its budget), neither could go on. The pass's own pool runs nothing but the pass.
 pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if n_threads() <= 1 || rayon::current_thread_index().is_some() {
         return f();
@@ -47,17 +49,39 @@ pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let Some(_taken) = PoolTaken::take() else {
         return f();
     };
-    let done = AtomicBool::new(false);
-    rayon::scope(|s| {
-        let owner = rayon::current_thread_index();
-        for _ in 1..n_threads() {
-            let done = &done;
-            s.spawn(move |_| keep_busy(done, owner));
-        }
-        let result = f();
-        done.store(true, Ordering::Release);
-        result
+    let Some(pool) = forward_pool() else {
+        return f();
+    };
+    pool.install(|| {
+        let done = AtomicBool::new(false);
+        rayon::scope(|s| {
+            let owner = rayon::current_thread_index();
+            for _ in 1..n_threads() {
+                let done = &done;
+                s.spawn(move |_| keep_busy(done, owner));
+            }
+            let result = f();
+            done.store(true, Ordering::Release);
+            result
+        })
     })
+}
+
+/// The pool [`run_on_pool`] runs forward passes on (built on first use with the global pool's
+/// thread count; `None`, said once on stderr, if the threads cannot be started).
+fn forward_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n_threads())
+            .thread_name(|i| format!("moe-forward-{i}"))
+            .build()
+            .map_err(|e| {
+                eprintln!("moe-kernels: no forward-pass pool ({e}); passes run on their caller");
+            })
+            .ok()
+    })
+    .as_ref()
 }
 
 /// Whether a [`run_on_pool`] call holds the pool.
