@@ -11,7 +11,9 @@
 # `run` prints one JSON object per line (fields: peer, type, prefill_128_tok_s,
 # prefill_512_tok_s, decode_tok_s, decode_agg_tok_s_{1,4,16}) and a table on stderr.
 # Environment: LLAMA_CPP_WORK (work folder, default benches/.work/llama.cpp, git-ignored),
-# THREADS (default 2), REPS (default 3), GEN (decode tokens, default 64).
+# THREADS (default 2), REPS (default 3), GEN (decode tokens, default 64), LLAMA_BENCH_EXTRA
+# (extra llama-bench arguments, e.g. '--repack 0'). A tool that crashes is reported on stderr
+# and its figures are left out.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 work="${LLAMA_CPP_WORK:-$root/benches/.work/llama.cpp}"
@@ -80,13 +82,23 @@ run() {
   for t in ${types//,/ }; do
     local gguf="$model/gguf/$t.gguf"
     local lb bb
-    lb=$("$bin/llama-bench" -m "$gguf" -t "$threads" -p 128,512 -n "$gen" -r "$reps" -o json 2>/dev/null)
+    # A crash of one tool (llama.cpp's Q8_0 weight repacking segfaults on some AVX-512 CPUs)
+    # is reported and leaves its figures out instead of ending the run.
+    # shellcheck disable=SC2086
+    lb=$("$bin/llama-bench" -m "$gguf" -t "$threads" -p 128,512 -n "$gen" -r "$reps" \
+      ${LLAMA_BENCH_EXTRA:-} -o json 2>/dev/null) || {
+      echo "llama.cpp $t: llama-bench failed (exit $?); try LLAMA_BENCH_EXTRA='--repack 0'" >&2
+      lb='[]'
+    }
     bb=$("$bin/llama-batched-bench" -m "$gguf" -t "$threads" -c 4096 -b 2048 -ub 512 \
-      -npp 16 -ntg 32 -npl 1,4,16 2>/dev/null)
+      -npp 16 -ntg 32 -npl 1,4,16 2>/dev/null) || {
+      echo "llama.cpp $t: llama-batched-bench failed (exit $?)" >&2
+      bb=''
+    }
     python3 - "$t" "$threads" "$lb" "$bb" <<'PY'
 import json, re, sys
 t, threads, lb, bb = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-out = {"peer": "llama.cpp " + lb[0].get("build_commit", "?"), "type": t, "threads": threads}
+out = {"peer": "llama.cpp " + (lb[0].get("build_commit", "?") if lb else "?"), "type": t, "threads": threads}
 for r in lb:
     if r["n_prompt"] and not r["n_gen"]:
         out[f"prefill_{r['n_prompt']}_tok_s"] = r["avg_ts"]
