@@ -10,7 +10,8 @@
 //! From [`PACKED_MIN_ROWS`](super::gemm_packed::PACKED_MIN_ROWS) rows of `x` on (prefill)
 //! the columns go through widened packed panels instead ([`super::gemm_packed`]).
 //! With AVX-512 (detected at run time) the few-rows case goes to [`super::gemm_avx512`]
-//! instead, and the packed panels use a 12-row AVX-512 microkernel. Without AVX2/FMA a scalar loop computes the same tiles, and says so once on stderr.
+//! instead, and the packed panels use an 8×32 AVX-512 microkernel. Without AVX2/FMA a scalar
+//! loop computes the same tiles, and says so once on stderr.
 
 use std::sync::OnceLock;
 

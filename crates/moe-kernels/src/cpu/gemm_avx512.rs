@@ -64,39 +64,60 @@ pub unsafe fn matmul_nt_rows<W: WeightElem, S: Sink>(
     sink: &S,
 ) {
     assert!(x.len() >= m * k && w.len() >= cols.end * k);
+    if !W::SPLITS_X {
+        // SAFETY: forwarded from the caller; x needs no reordering for this weight type.
+        unsafe { tiles(x, m, k, w, cols, sink) };
+        return;
+    }
     SPLIT_X.with_borrow_mut(|xs| {
-        xs.clear();
         xs.resize(m * k, 0.0);
         for (row, out) in x[..m * k].chunks_exact(k).zip(xs.chunks_exact_mut(k)) {
             W::split_x(row, out);
         }
-        let xs = &xs[..];
-        let mut r = 0;
-        while r < m {
-            let rows = (m - r).min(3);
-            let mut c = cols.start;
-            while c < cols.end {
-                let left = cols.end - c;
-                let xp = xs[r * k..].as_ptr();
-                let wp = w[c * k..].as_ptr();
-                // SAFETY: rows r..r+rows of x and rows c..c+n of w are in bounds (n ≤ left);
-                // AVX-512 is this function's precondition.
-                let n = unsafe {
-                    match (rows, left) {
-                        (1, 8..) => tile::<W, S, 1, 8>(xp, wp, k, r, c, sink),
-                        (2, 4..) => tile::<W, S, 2, 4>(xp, wp, k, r, c, sink),
-                        (3, 4..) => tile::<W, S, 3, 4>(xp, wp, k, r, c, sink),
-                        (1, 4..) => tile::<W, S, 1, 4>(xp, wp, k, r, c, sink),
-                        (1, _) => tile::<W, S, 1, 1>(xp, wp, k, r, c, sink),
-                        (2, _) => tile::<W, S, 2, 1>(xp, wp, k, r, c, sink),
-                        _ => tile::<W, S, 3, 1>(xp, wp, k, r, c, sink),
-                    }
-                };
-                c += n;
-            }
-            r += rows;
-        }
+        // SAFETY: forwarded from the caller; xs is x reordered for `W`.
+        unsafe { tiles(xs, m, k, w, cols, sink) };
     });
+}
+
+/// The tile loop of [`matmul_nt_rows`] over `xs`, `x` in the order [`WeightElem::split_x`]
+/// gives.
+///
+/// # Safety
+/// As [`matmul_nt_rows`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiles<W: WeightElem, S: Sink>(
+    xs: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    cols: Range<usize>,
+    sink: &S,
+) {
+    let mut r = 0;
+    while r < m {
+        let rows = (m - r).min(3);
+        let mut c = cols.start;
+        while c < cols.end {
+            let left = cols.end - c;
+            let xp = xs[r * k..].as_ptr();
+            let wp = w[c * k..].as_ptr();
+            // SAFETY: rows r..r+rows of x and rows c..c+n of w are in bounds (n ≤ left);
+            // AVX-512 is this function's precondition.
+            let n = unsafe {
+                match (rows, left) {
+                    (1, 8..) => tile::<W, S, 1, 8>(xp, wp, k, r, c, sink),
+                    (2, 4..) => tile::<W, S, 2, 4>(xp, wp, k, r, c, sink),
+                    (3, 4..) => tile::<W, S, 3, 4>(xp, wp, k, r, c, sink),
+                    (1, 4..) => tile::<W, S, 1, 4>(xp, wp, k, r, c, sink),
+                    (1, _) => tile::<W, S, 1, 1>(xp, wp, k, r, c, sink),
+                    (2, _) => tile::<W, S, 2, 1>(xp, wp, k, r, c, sink),
+                    _ => tile::<W, S, 3, 1>(xp, wp, k, r, c, sink),
+                }
+            };
+            c += n;
+        }
+        r += rows;
+    }
 }
 
 /// One tile: `R` rows of the reordered `x` × `C` rows of `w`; returns `C`.

@@ -9,8 +9,9 @@
 //! loads, 8 broadcasts and 16 FMAs per step), `x` is packed into 8-row blocks and a group of
 //! panels is widened at once so each block of `x` stays in cache across them. This project's
 //! Xeons issue two 512-bit FMAs a cycle (twice the AVX2 kernel's multiply-adds); their
-//! `vdpbf16ps` issues at a quarter of that, so bf16 dot products would not pay. Used by [`super::gemm::matmul_nt_cols`] when `x` has at least
-//! [`PACKED_MIN_ROWS`] rows and the CPU has AVX2/FMA.
+//! `vdpbf16ps` issues at a quarter of that, so bf16 dot products would not pay. Used by
+//! [`super::gemm::matmul_nt_cols`] when `x` has at least [`PACKED_MIN_ROWS`] rows and the CPU
+//! has AVX2/FMA.
 
 use super::gemm::Sink;
 use super::weights::WeightElem;
@@ -45,12 +46,32 @@ pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
         unsafe { matmul_nt_packed_avx512(x, m, k, w, cols, sink) };
         return;
     }
-    let mut panel = vec![0f32; k * PANEL];
+    BUFFERS.with_borrow_mut(|(_, panel)| {
+        panel.resize(k * PANEL, 0.0);
+        // SAFETY: forwarded from the caller.
+        unsafe { packed_avx2(x, m, k, w, cols, sink, panel) }
+    });
+}
+
+/// [`matmul_nt_packed`] with the 6×16 AVX2 microkernel, one panel at a time in `panel`.
+///
+/// # Safety
+/// As [`matmul_nt_packed`]; `panel` holds `k * 16` floats.
+#[cfg(target_arch = "x86_64")]
+unsafe fn packed_avx2<W: WeightElem, S: Sink>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    cols: std::ops::Range<usize>,
+    sink: &S,
+    panel: &mut [f32],
+) {
     let mut c0 = cols.start;
     while c0 < cols.end {
         let nc = (cols.end - c0).min(PANEL);
         // SAFETY: AVX2/FMA are this function's precondition.
-        unsafe { pack_panel(w, k, c0, nc, &mut panel, PANEL) };
+        unsafe { pack_panel(w, k, c0, nc, panel, PANEL) };
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(MR);
@@ -142,89 +163,42 @@ unsafe fn matmul_nt_packed_avx512<W: WeightElem, S: Sink>(
     cols: std::ops::Range<usize>,
     sink: &S,
 ) {
-    X_BLOCKS.with_borrow_mut(|x_blocks| {
+    const NP: usize = PANEL_AVX512;
+    let group = (PANEL_GROUP_BYTES / (k * NP * 4)).max(1);
+    BUFFERS.with_borrow_mut(|(x_blocks, panels)| {
         // SAFETY: AVX2 is the caller's promise.
         unsafe { pack_x_blocks(x, m, k, x_blocks) };
-        // SAFETY: forwarded from the caller; x_blocks is packed.
-        unsafe { packed_avx512_with(x_blocks, m, k, w, cols, sink) }
-    });
-}
-
-thread_local! {
-    /// Per-thread buffer of `x` packed by [`pack_x_blocks`] (no allocation per call once warm).
-    static X_BLOCKS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The panel loop of [`matmul_nt_packed_avx512`] over `x` already packed.
-///
-/// # Safety
-/// As [`matmul_nt_packed_avx512`]; `x_blocks` is `x` packed by [`pack_x_blocks`].
-#[cfg(target_arch = "x86_64")]
-unsafe fn packed_avx512_with<W: WeightElem, S: Sink>(
-    x_blocks: &[f32],
-    m: usize,
-    k: usize,
-    w: &[W],
-    cols: std::ops::Range<usize>,
-    sink: &S,
-) {
-    const NP: usize = PANEL_AVX512;
-    let group = (PANEL_GROUP_BYTES / (k * NP * 4)).clamp(1, cols.len().div_ceil(NP));
-    PANELS.with_borrow_mut(|panels| {
         panels.resize(group * k * NP, 0.0);
-        // SAFETY: forwarded from the caller.
-        unsafe { panel_groups_avx512(x_blocks, m, k, w, cols, sink, group, panels) }
-    });
-}
-
-thread_local! {
-    /// Per-thread buffer of a group of widened panels.
-    static PANELS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The loop of [`packed_avx512_with`] over groups of `group` panels held in `panels`.
-///
-/// # Safety
-/// As [`matmul_nt_packed_avx512`]; `panels` holds `group * k * 32` floats.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn panel_groups_avx512<W: WeightElem, S: Sink>(
-    x_blocks: &[f32],
-    m: usize,
-    k: usize,
-    w: &[W],
-    cols: std::ops::Range<usize>,
-    sink: &S,
-    group: usize,
-    panels: &mut [f32],
-) {
-    const NP: usize = PANEL_AVX512;
-    let mut c0 = cols.start;
-    while c0 < cols.end {
-        let c1 = (c0 + group * NP).min(cols.end);
-        for (g, panel) in panels.chunks_exact_mut(k * NP).enumerate() {
-            let start = c0 + g * NP;
-            if start < c1 {
+        let mut c0 = cols.start;
+        while c0 < cols.end {
+            let c1 = (c0 + group * NP).min(cols.end);
+            let used = &mut panels[..(c1 - c0).div_ceil(NP) * k * NP];
+            for (g, panel) in used.chunks_exact_mut(k * NP).enumerate() {
+                let start = c0 + g * NP;
                 // SAFETY: AVX2 is the caller's promise; rows start..start + nc exist.
                 unsafe { pack_panel(w, k, start, (c1 - start).min(NP), panel, NP) };
             }
-        }
-        let mut r0 = 0;
-        while r0 < m {
-            let rows = (m - r0).min(MR_AVX512);
-            for (g, panel) in panels.chunks_exact(k * NP).enumerate() {
-                let start = c0 + g * NP;
-                if start >= c1 {
-                    break;
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = (m - r0).min(MR_AVX512);
+                for (g, panel) in used.chunks_exact(k * NP).enumerate() {
+                    let start = c0 + g * NP;
+                    let nc = (c1 - start).min(NP);
+                    // SAFETY: x and the panel are packed; AVX-512 is the caller's promise.
+                    unsafe { block_panel_avx512(x_blocks, r0, rows, k, panel, start, nc, sink) };
                 }
-                let nc = (c1 - start).min(NP);
-                // SAFETY: x_blocks and the panel are packed; AVX-512 is the caller's promise.
-                unsafe { block_panel_avx512(x_blocks, r0, rows, k, panel, start, nc, sink) };
+                r0 += rows;
             }
-            r0 += rows;
+            c0 = c1;
         }
-        c0 = c1;
-    }
+    });
+}
+
+thread_local! {
+    /// Per-thread buffers of the packed paths: `x` packed by [`pack_x_blocks`] and the widened
+    /// panels (no allocation per call once warm).
+    static BUFFERS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Rows `r0..r0 + rows` (one block of [`pack_x_blocks`]) against one packed 32-column panel
@@ -247,26 +221,24 @@ unsafe fn block_panel_avx512<S: Sink>(
     sink: &S,
 ) {
     assert!(x_blocks.len() >= (r0 + MR_AVX512) * k && panel.len() >= k * PANEL_AVX512);
-    {
-        let xp = x_blocks[r0 * k..].as_ptr();
-        let pp = panel.as_ptr();
-        // SAFETY: `rows` rows of x from r0 and the k × 32 panel are in bounds; AVX-512 is
-        // the caller's promise.
-        let out = unsafe {
-            match rows {
-                1 => micro_avx512::<1>(xp, k, pp),
-                2 => micro_avx512::<2>(xp, k, pp),
-                3 => micro_avx512::<3>(xp, k, pp),
-                4 => micro_avx512::<4>(xp, k, pp),
-                5 => micro_avx512::<5>(xp, k, pp),
-                6 => micro_avx512::<6>(xp, k, pp),
-                7 => micro_avx512::<7>(xp, k, pp),
-                _ => micro_avx512::<8>(xp, k, pp),
-            }
-        };
-        // SAFETY: the calling task owns these columns; each (row, col) is emitted once.
-        unsafe { emit(&out, rows, nc, r0, c0, sink) };
-    }
+    let xp = x_blocks[r0 * k..].as_ptr();
+    let pp = panel.as_ptr();
+    // SAFETY: `rows` rows of x from r0 and the k × 32 panel are in bounds; AVX-512 is the
+    // caller's promise.
+    let out = unsafe {
+        match rows {
+            1 => micro_avx512::<1>(xp, k, pp),
+            2 => micro_avx512::<2>(xp, k, pp),
+            3 => micro_avx512::<3>(xp, k, pp),
+            4 => micro_avx512::<4>(xp, k, pp),
+            5 => micro_avx512::<5>(xp, k, pp),
+            6 => micro_avx512::<6>(xp, k, pp),
+            7 => micro_avx512::<7>(xp, k, pp),
+            _ => micro_avx512::<8>(xp, k, pp),
+        }
+    };
+    // SAFETY: the calling task owns these columns; each (row, col) is emitted once.
+    unsafe { emit(&out, rows, nc, r0, c0, sink) };
 }
 
 /// Hands the first `rows` × `nc` sums of a microkernel's output to `sink`, at rows from `r0`

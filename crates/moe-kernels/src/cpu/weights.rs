@@ -28,6 +28,9 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
         p: *const Self,
     ) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512);
 
+    /// Whether [`WeightElem::split_x`] reorders `x` (false: the kernels use `x` as it is).
+    const SPLITS_X: bool = false;
+
     /// Writes `x` reordered for [`WeightElem::load32_split`]: each whole block of 32 as its
     /// two halves' order, a tail shorter than 32 unchanged. The default keeps `x` as it is.
     fn split_x(x: &[f32], out: &mut [f32]) {
@@ -93,6 +96,8 @@ impl WeightElem for bf16 {
             (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
         }
     }
+
+    const SPLITS_X: bool = true;
 
     /// Even elements of each block of 32 first, then the odd ones (the lanes of
     /// [`WeightElem::load32_split`]).
