@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod budget;
+mod direct_io;
 mod loader;
 pub mod placement;
 pub mod policy;

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use moe_core::{Error, ExpertKey, Result};
 use moe_kernels::{ExpertDtype, ExpertWeights};
 use moe_models::{ExpertLayerLayout, ExpertOnDisk, ExpertSource};
 
+use crate::direct_io::{open_direct, read_direct, AlignedRead, DIRECT_SLACK};
 use crate::placement::ExpertCost;
 use crate::tiered::TieredExperts;
 
@@ -53,28 +55,33 @@ pub trait LowerTier: Send + Sync {
 /// fused gate/up, MXFP4's dequantized values) may hold one more decoded-size copy. Int8
 /// experts (`--expert-dtype q8`) are decoded to float that way first, then quantized into the
 /// int8 result while the float copy is alive; a compute dtype other than bf16/f32 is widened
-/// to f32 one matrix at a time (counted as one more float copy).
+/// to f32 one matrix at a time (counted as one more float copy). A raw buffer read with
+/// `O_DIRECT` covers the block-aligned window around its bytes: [`DIRECT_SLACK`] more each.
 pub fn transient_bytes(on_disk: &ExpertOnDisk) -> u64 {
     let disk: u64 = on_disk.tensors.iter().map(|t| t.len as u64).sum();
+    let slack = (on_disk.tensors.len() * DIRECT_SLACK) as u64;
     let (ram, float) = (on_disk.ram_bytes as u64, on_disk.float_bytes as u64);
     let decode = if on_disk.tensors.len() == 3 && disk == float {
         disk + float
     } else {
         disk + 2 * float
     };
-    match on_disk.expert_dtype {
-        ExpertDtype::Compute => decode,
-        ExpertDtype::Q8 if on_disk.quantizes_in_place() => decode + ram,
-        ExpertDtype::Q8 => decode + ram + float,
-    }
+    slack
+        + match on_disk.expert_dtype {
+            ExpertDtype::Compute => decode,
+            ExpertDtype::Q8 if on_disk.quantizes_in_place() => decode + ram,
+            ExpertDtype::Q8 => decode + ram + float,
+        }
 }
 
 /// Whether the routed experts' file pages may stay in the kernel's page cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PageCache {
-    /// Dropped when the tier opens and after every read (`POSIX_FADV_DONTNEED`): an expert
-    /// outside the budget is on disk, not in RAM the budget does not count, and a miss costs
-    /// a real read.
+    /// Kept out of it: experts are read with `O_DIRECT` (the disk's DMA lands in our buffer),
+    /// or, where the file system has no direct reads, through the page cache with the pages
+    /// dropped after every read (`POSIX_FADV_DONTNEED`); either way their pages are dropped
+    /// when the tier opens. An expert outside the budget is on disk, not in RAM the budget
+    /// does not count, and a miss costs a real read.
     #[default]
     Drop,
     /// Left to the kernel: misses of recently read experts may come from RAM outside the
@@ -87,8 +94,115 @@ pub enum PageCache {
 pub struct DiskTier {
     /// `experts[layer][expert]`; empty for dense layers.
     experts: Vec<Vec<ExpertOnDisk>>,
-    files: HashMap<PathBuf, File>,
+    files: HashMap<PathBuf, CheckpointFile>,
     page_cache: PageCache,
+}
+
+/// One safetensors file, open for buffered and, with [`PageCache::Drop`] where the file
+/// system allows, direct reads.
+struct CheckpointFile {
+    buffered: File,
+    direct: Option<File>,
+    /// Set when a direct read failed with `EINVAL` (a device that wants larger alignment):
+    /// this file is read through the page cache from then on.
+    direct_failed: AtomicBool,
+}
+
+/// A raw tensor buffer as read.
+enum RawBytes {
+    Direct(AlignedRead),
+    Buffered(Vec<u8>),
+}
+
+impl AsRef<[u8]> for RawBytes {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            RawBytes::Direct(read) => read.as_ref(),
+            RawBytes::Buffered(bytes) => bytes,
+        }
+    }
+}
+
+/// False when `MOE_INFER_NO_DIRECT_IO` is set (said once): expert reads then go through the
+/// page cache, with their pages dropped after each read.
+fn direct_reads_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        let off = std::env::var_os("MOE_INFER_NO_DIRECT_IO").is_some_and(|v| !v.is_empty());
+        if off {
+            eprintln!(
+                "moe-cache: MOE_INFER_NO_DIRECT_IO is set; experts are read through the page cache"
+            );
+        }
+        !off
+    })
+}
+
+impl CheckpointFile {
+    fn open(path: &PathBuf, page_cache: PageCache) -> Result<Self> {
+        let buffered = File::open(path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let direct = match page_cache {
+            PageCache::Drop if direct_reads_allowed() => open_direct(path),
+            _ => None,
+        };
+        if page_cache == PageCache::Drop && direct.is_none() && direct_reads_allowed() {
+            eprintln!(
+                "moe-cache: {} does not allow direct (O_DIRECT) reads; experts are read \
+                 through the page cache and their pages dropped after each read",
+                path.display()
+            );
+        }
+        Ok(Self {
+            buffered,
+            direct,
+            direct_failed: AtomicBool::new(false),
+        })
+    }
+
+    /// `len` bytes at `offset`: a direct read where possible, else a buffered one (whose
+    /// pages are dropped afterwards with [`PageCache::Drop`]).
+    fn read(
+        &self,
+        path: &PathBuf,
+        offset: u64,
+        len: usize,
+        page_cache: PageCache,
+    ) -> Result<RawBytes> {
+        let io_error = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| !self.direct_failed.load(Ordering::Relaxed))
+        {
+            match read_direct(direct, offset, len) {
+                Ok(read) => return Ok(RawBytes::Direct(read)),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if !self.direct_failed.swap(true, Ordering::Relaxed) {
+                        eprintln!(
+                            "moe-cache: direct reads of {} failed ({e}); reading it through \
+                             the page cache instead",
+                            path.display()
+                        );
+                    }
+                }
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+        let mut buffer = vec![0u8; len];
+        self.buffered
+            .read_exact_at(&mut buffer, offset)
+            .map_err(io_error)?;
+        if page_cache == PageCache::Drop {
+            drop_cached_pages(&self.buffered, offset, len);
+        }
+        Ok(RawBytes::Buffered(buffer))
+    }
 }
 
 /// Asks the kernel to drop the cached pages of `len` bytes of `file` from `offset` (whole
@@ -122,18 +236,14 @@ impl DiskTier {
             let layer = l.experts_on_disk()?;
             for t in layer.iter().flat_map(|x| &x.tensors) {
                 if !files.contains_key(&t.path) {
-                    let file = File::open(&t.path).map_err(|source| Error::Io {
-                        path: t.path.clone(),
-                        source,
-                    })?;
-                    files.insert(t.path.clone(), file);
+                    files.insert(t.path.clone(), CheckpointFile::open(&t.path, page_cache)?);
                 }
             }
             experts[l.layer] = layer;
         }
         if page_cache == PageCache::Drop {
             for t in experts.iter().flatten().flat_map(|x| &x.tensors) {
-                drop_cached_pages(&files[&t.path], t.offset, t.len);
+                drop_cached_pages(&files[&t.path].buffered, t.offset, t.len);
             }
         }
         Ok(Self {
@@ -172,18 +282,9 @@ impl LowerTier for DiskTier {
         let mut bytes_moved = 0u64;
         let mut buffers = Vec::with_capacity(on_disk.tensors.len());
         for t in &on_disk.tensors {
-            let file = &self.files[&t.path];
-            let mut buffer = vec![0u8; t.len];
             let start = Instant::now();
-            file.read_exact_at(&mut buffer, t.offset)
-                .map_err(|source| Error::Io {
-                    path: t.path.clone(),
-                    source,
-                })?;
+            let buffer = self.files[&t.path].read(&t.path, t.offset, t.len, self.page_cache)?;
             move_time += start.elapsed();
-            if self.page_cache == PageCache::Drop {
-                drop_cached_pages(file, t.offset, t.len);
-            }
             bytes_moved += t.len as u64;
             buffers.push(buffer);
         }

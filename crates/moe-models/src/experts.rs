@@ -282,12 +282,12 @@ impl ExpertOnDisk {
 
     /// Decodes the expert from the bytes of [`ExpertOnDisk::tensors`], read in that order,
     /// into its final storage ([`ExpertOnDisk::expert_dtype`]).
-    pub fn decode(&self, bytes: &[Vec<u8>]) -> Result<ExpertWeights> {
+    pub fn decode<B: AsRef<[u8]>>(&self, bytes: &[B]) -> Result<ExpertWeights> {
         self.expert_dtype.apply(self.decode_float(bytes)?)
     }
 
     /// The decoded expert in the compute dtype.
-    fn decode_float(&self, bytes: &[Vec<u8>]) -> Result<ExpertWeights> {
+    fn decode_float<B: AsRef<[u8]>>(&self, bytes: &[B]) -> Result<ExpertWeights> {
         if bytes.len() != self.tensors.len() {
             return Err(Error::InvalidRequest(format!(
                 "expert decode: {} buffers for {} tensors",
@@ -299,15 +299,15 @@ impl ExpertOnDisk {
         let mut parts = self.tensors.iter().zip(bytes);
         let mut float = || -> Result<Tensor> {
             let (location, bytes) = parts.next().expect("counted above");
-            location.to_tensor(bytes, dtype, device)
+            location.to_tensor(bytes.as_ref(), dtype, device)
         };
         match self.layout {
             ExpertLayout::PerExpert(_) => Ok(ExpertWeights::new(float()?, float()?, float()?)),
             ExpertLayout::Stacked(stacked) => {
                 let packed = |at: usize, out: usize, inp: usize| -> Result<Tensor> {
                     crate::mxfp4::from_bytes(
-                        &bytes[at],
-                        &bytes[at + 1],
+                        bytes[at].as_ref(),
+                        bytes[at + 1].as_ref(),
                         (1, out, inp),
                         dtype,
                         device,
@@ -332,7 +332,9 @@ impl ExpertOnDisk {
                     }
                     let (location, bytes) = rest.next().expect("counted above");
                     Ok(Some(
-                        location.to_tensor(bytes, dtype, device)?.unsqueeze(0)?,
+                        location
+                            .to_tensor(bytes.as_ref(), dtype, device)?
+                            .unsqueeze(0)?,
                     ))
                 };
                 let gate_up_bias = bias(stacked.gate_up_bias.is_some())?;
