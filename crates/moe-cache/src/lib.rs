@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod budget;
+pub mod calibration;
 mod direct_io;
 mod loader;
 pub mod placement;
@@ -23,6 +24,7 @@ pub mod tier;
 pub mod tiered;
 
 pub use budget::ExpertBudget;
+pub use calibration::GuessCalibration;
 pub use placement::{ExpertCost, Placement, TierCosts};
 pub use policy::{CachePolicy, LfuDecay, Lru, PolicyKind, RoutingPrefetch};
 pub use stats::{ExpertCacheStats, LayerUsage};

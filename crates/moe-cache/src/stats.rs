@@ -67,6 +67,10 @@ pub struct ExpertCacheStats {
     pub prefetch_pending: u64,
     /// Guessed experts the loader skipped: no room without evicting what is in use.
     pub prefetch_dropped: u64,
+    /// Guessed experts, neither resident nor being read, not read ahead because guesses of
+    /// their strength have come true too rarely
+    /// ([`crate::calibration::GuessCalibration`]).
+    pub prefetch_unsure: u64,
     /// Experts routed to by layers that had a guess.
     pub guessed_layer_experts: u64,
     /// Of those, experts that were in the guess.
@@ -138,13 +142,14 @@ impl fmt::Display for ExpertCacheStats {
         if self.policy == "prefetch" {
             write!(
                 f,
-                "\nexpert cache: prefetch {} read ahead, {} used ({} late), {} wasted, {} pending, {} dropped | guess accuracy {:.1} % ({} of {} routed experts)",
+                "\nexpert cache: prefetch {} read ahead, {} used ({} late), {} wasted, {} pending, {} dropped, {} unsure guesses not read | guess accuracy {:.1} % ({} of {} routed experts)",
                 self.prefetches,
                 self.prefetch_hits,
                 self.prefetch_late,
                 self.prefetch_wasted,
                 self.prefetch_pending,
                 self.prefetch_dropped,
+                self.prefetch_unsure,
                 100.0 * self.guess_accuracy,
                 self.guessed_correctly,
                 self.guessed_layer_experts,

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use moe_core::{Error, ExpertKey, Result};
 use moe_kernels::{ExpertGroups, ExpertWeights};
-use moe_models::{ExpertLayerLayout, ExpertSource, ExpertSourceFactory};
+use moe_models::{ExpertGuess, ExpertLayerLayout, ExpertSource, ExpertSourceFactory};
 
 use crate::budget::ExpertBudget;
+use crate::calibration::GuessCalibration;
 use crate::loader::Loader;
 use crate::placement::{Placement, TierCosts};
 use crate::policy::{CachePolicy, PolicyKind};
@@ -46,6 +47,7 @@ struct Counters {
     prefetch_late: u64,
     prefetch_wasted: u64,
     prefetch_dropped: u64,
+    prefetch_unsure: u64,
     guessed_layer_experts: u64,
     guessed_correctly: u64,
     computed_in_place: u64,
@@ -76,7 +78,9 @@ pub(crate) struct State {
     /// Prefetched experts no lookup has used yet.
     unused_prefetches: HashSet<ExpertKey>,
     /// The latest guess per layer, until the layer routes.
-    guesses: HashMap<usize, Vec<usize>>,
+    guesses: HashMap<usize, Vec<ExpertGuess>>,
+    /// How often guesses of each strength came true: what decides which are read ahead.
+    calibration: GuessCalibration,
     /// Experts of the layer computing now (the loader must not evict them).
     active: HashSet<ExpertKey>,
     /// Guessed experts for the loader, oldest first.
@@ -142,7 +146,9 @@ impl Inner {
                 // The loader keeps what the computing and the guessed layers need.
                 let needed = reader == Reader::Prefetch
                     && (active.contains(&k)
-                        || guesses.get(&k.layer).is_some_and(|g| g.contains(&k.expert)));
+                        || guesses
+                            .get(&k.layer)
+                            .is_some_and(|g| g.iter().any(|g| g.expert == k.expert)));
                 unpinned && !needed
             };
             let Some(victim) = policy.evict(&evictable) else {
@@ -423,6 +429,7 @@ impl TieredExperts {
                 usage,
                 unused_prefetches: HashSet::new(),
                 guesses: HashMap::new(),
+                calibration: GuessCalibration::default(),
                 active: HashSet::new(),
                 queue: VecDeque::new(),
                 guess_count: 0,
@@ -506,6 +513,7 @@ impl TieredExperts {
             prefetch_wasted: c.prefetch_wasted,
             prefetch_pending: s.unused_prefetches.len() as u64,
             prefetch_dropped: c.prefetch_dropped,
+            prefetch_unsure: c.prefetch_unsure,
             guessed_layer_experts: c.guessed_layer_experts,
             guessed_correctly: c.guessed_correctly,
             guess_accuracy: ratio(c.guessed_correctly, c.guessed_layer_experts),
@@ -601,7 +609,7 @@ impl ExpertSource for TieredExperts {
         Ok(placed)
     }
 
-    fn prefetch(&self, layer: usize, experts: &[usize]) {
+    fn prefetch(&self, layer: usize, guesses: &[ExpertGuess]) {
         let inner = &*self.inner;
         let mut s = inner.lock();
         if !s.policy.prefetches() {
@@ -622,18 +630,27 @@ impl ExpertSource for TieredExperts {
         s.guess_count += 1;
         // Jobs of guesses before the previous one are stale (the previous layer still runs).
         s.queue.retain(|j| j.guess + 1 >= guess);
-        // Only what is neither resident nor being read goes to the loader, and the loader is
-        // woken only when there is such work: once the working set is resident, a guess costs
-        // no thread switch (on two cores, a woken loader preempts a computing thread).
+        // Only what is neither resident nor being read goes to the loader, only if guesses of
+        // its strength have come true often enough, and the loader is woken only when there
+        // is such work: once the working set is resident, a guess costs no thread switch (on
+        // two cores, a woken loader preempts a computing thread).
         let mut queued = false;
-        for &expert in experts {
-            let key = ExpertKey { layer, expert };
-            if !s.resident.contains_key(&key) && !s.in_flight.contains_key(&key) {
+        for g in guesses {
+            let key = ExpertKey {
+                layer,
+                expert: g.expert,
+            };
+            if s.resident.contains_key(&key) || s.in_flight.contains_key(&key) {
+                continue;
+            }
+            if s.calibration.worth_reading(g.strength) {
                 s.queue.push_back(Job { key, guess });
                 queued = true;
+            } else {
+                s.counters.prefetch_unsure += 1;
             }
         }
-        s.guesses.insert(layer, experts.to_vec());
+        s.guesses.insert(layer, guesses.to_vec());
         if queued {
             inner.work.notify_one();
         }
@@ -656,12 +673,19 @@ impl ExpertSource for TieredExperts {
         if let Some(guess) = s.guesses.remove(&layer) {
             s.counters.guessed_layer_experts += experts.len() as u64;
             s.counters.guessed_correctly +=
-                experts.iter().filter(|e| guess.contains(e)).count() as u64;
+                guess.iter().filter(|g| experts.contains(&g.expert)).count() as u64;
+            for g in &guess {
+                s.calibration
+                    .observe(g.strength, experts.contains(&g.expert));
+            }
             // Prefetched for this layer but not routed to: wasted.
             let unused: Vec<ExpertKey> = guess
                 .iter()
-                .filter(|e| !experts.contains(e))
-                .map(|&expert| ExpertKey { layer, expert })
+                .filter(|g| !experts.contains(&g.expert))
+                .map(|g| ExpertKey {
+                    layer,
+                    expert: g.expert,
+                })
                 .filter(|k| s.unused_prefetches.contains(k))
                 .collect();
             for k in unused {

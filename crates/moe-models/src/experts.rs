@@ -466,14 +466,24 @@ impl ExpertLayerLayout {
     }
 }
 
+/// An expert a layer's router is expected to pick (routing-aware prefetch), and how strongly.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExpertGuess {
+    /// Expert id within the layer.
+    pub expert: usize,
+    /// The share of each row's routing weight the guess gave this expert, summed over the
+    /// rows that picked it: at most 1 per row, so between 0 and the number of rows.
+    pub strength: f32,
+}
+
 /// Supplies routed experts' weights on the model's device.
 pub trait ExpertSource: Send + Sync {
     /// The weights of one expert, ready to compute with.
     fn expert(&self, key: ExpertKey) -> Result<Arc<ExpertWeights>>;
 
-    /// A hint that these experts of `layer` will be needed soon. Sources that can prefetch
-    /// start loading them; the default does nothing.
-    fn prefetch(&self, _layer: usize, _experts: &[usize]) {}
+    /// A hint that these experts of `layer` (distinct, ascending ids) will probably be needed
+    /// soon. Sources that can prefetch may start loading them; the default does nothing.
+    fn prefetch(&self, _layer: usize, _guesses: &[ExpertGuess]) {}
 
     /// Whether the model should guess each MoE layer's experts early (the next layer's router
     /// applied to the hidden state after this layer's attention) and pass the guess to

@@ -19,8 +19,8 @@ pub mod summary;
 pub use arch::{find_architecture, supported_architectures, Architecture, ARCHITECTURES};
 pub use decoder::{DecoderModel, ForwardContext, LogitsWanted, RoutingObserver, SequenceInput};
 pub use experts::{
-    ExpertLayerLayout, ExpertLayout, ExpertNames, ExpertOnDisk, ExpertSource, ExpertSourceFactory,
-    ResidentExperts,
+    ExpertGuess, ExpertLayerLayout, ExpertLayout, ExpertNames, ExpertOnDisk, ExpertSource,
+    ExpertSourceFactory, ResidentExperts,
 };
 pub use hparams::{DecoderHParams, LoadOptions};
 pub use kv_cache::KvCache;

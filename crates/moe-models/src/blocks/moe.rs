@@ -16,7 +16,7 @@ use moe_kernels::{
 
 use crate::blocks::linear::Linear;
 use crate::blocks::mlp::GatedMlp;
-use crate::experts::ExpertSource;
+use crate::experts::{ExpertGuess, ExpertSource};
 
 /// An always-on expert added to the routed output, optionally scaled by `sigmoid(gate(x))`.
 #[derive(Debug, Clone)]
@@ -73,12 +73,37 @@ impl SparseMoeBlock {
         Ok((logits, routing))
     }
 
-    /// The experts (ascending ids) this block's router picks for `x`: applied to an earlier
-    /// hidden state, a guess of what the block will need (routing-aware prefetch).
-    pub fn guess_experts(&self, x: &Tensor) -> Result<Vec<usize>> {
+    /// The experts (ascending ids) this block's router picks for `x`, each with its share of
+    /// the rows' routing weight: applied to an earlier hidden state, a guess of what the block
+    /// will need (routing-aware prefetch).
+    pub fn guess_experts(&self, x: &Tensor) -> Result<Vec<ExpertGuess>> {
         let (_, routing) = self.route(x)?;
         let groups = ExpertGroups::from_routing(&routing, self.routing.n_experts)?;
-        Ok(groups.active_experts().collect())
+        // Each row's weights summed, so that a share does not depend on the scaling factor or
+        // on renormalisation.
+        let mut row_total = vec![0f32; x.dim(0)?];
+        for (&row, &w) in groups.token_rows.iter().zip(&groups.weights) {
+            row_total[row as usize] += w;
+        }
+        Ok(groups
+            .active_experts()
+            .map(|expert| {
+                let slots = groups.offsets[expert]..groups.offsets[expert + 1];
+                let strength = groups.token_rows[slots.clone()]
+                    .iter()
+                    .zip(&groups.weights[slots])
+                    .map(|(&row, &w)| {
+                        let total = row_total[row as usize];
+                        if total > 0.0 {
+                            w / total
+                        } else {
+                            0.0
+                        }
+                    })
+                    .sum();
+                ExpertGuess { expert, strength }
+            })
+            .collect())
     }
 
     /// Applies the block to `x` (`[n_tokens, hidden]`).
