@@ -176,7 +176,12 @@ fn check_budgets(fixtures: &[&str]) {
         let total = resident.model().experts().resident_bytes() as u64;
         let n_experts: usize = resident.summary().n_experts * resident.summary().moe_layers.len();
         let expert_bytes = total / n_experts as u64;
-        for policy in [PolicyKind::Lru, PolicyKind::LfuDecay, PolicyKind::Prefetch] {
+        for policy in [
+            PolicyKind::Lru,
+            PolicyKind::LfuDecay,
+            PolicyKind::NextUse,
+            PolicyKind::Prefetch,
+        ] {
             for percent in [25.0, 50.0, 100.0] {
                 let budget = ExpertBudget::Percent(percent);
                 let minimum = minimum_budget(name);
@@ -378,6 +383,7 @@ fn threads_share_one_cache() {
         (ExpertBudget::Percent(25.0), PolicyKind::Prefetch, 2),
         (minimum, PolicyKind::Prefetch, 1),
         (minimum, PolicyKind::LfuDecay, 1),
+        (minimum, PolicyKind::NextUse, 1),
     ] {
         let cached = engine(name, Some(budget), policy).unwrap();
         std::thread::scope(|scope| {

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Expert cache sweep: `moe-infer generate` (bf16, greedy, a fixed 16-token prompt, N new tokens,
 # --ignore-eos --json) on one model for budgets 25/50/100 % of the routed-expert bytes × policies
-# lru, lfu-decay, prefetch, plus the fully-resident run; prints one table row per configuration.
+# lru, lfu-decay, next-use, prefetch, plus the fully-resident run; prints one table row per configuration.
 # With REPS=N every configuration runs N times, the rounds interleaved (so a load spike hits all
 # configurations alike); decode tok/s is then the median [min–max].
-# usage: [BUDGETS="25 50 100"] [POLICIES="lru lfu-decay prefetch"] [REPS=1] [EXTRA="--keep-page-cache"]
+# usage: [BUDGETS="25 50 100"] [POLICIES="lru lfu-decay next-use prefetch"] [REPS=1] [EXTRA="--keep-page-cache"]
 #        benches/scripts/expert_cache_sweep.sh [MODEL_DIR] [NEW_TOKENS]
 #   default: bench-models/qwen3-moe-bench (made by benches/scripts/make_bench_model.sh), 32 new tokens.
 # Build first: cargo build --release -p moe-infer. Timings vary with machine load (printed).
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 MODEL=${1:-bench-models/qwen3-moe-bench}
 NEW=${2:-32}
 BUDGETS=${BUDGETS:-25 50 100}
-POLICIES=${POLICIES:-lru lfu-decay prefetch}
+POLICIES=${POLICIES:-lru lfu-decay next-use prefetch}
 REPS=${REPS:-1}
 EXTRA=${EXTRA:-}
 BIN=${MOE_INFER:-target/release/moe-infer}

@@ -666,6 +666,7 @@ impl ExpertSource for TieredExperts {
         if layer == inner.first_moe_layer {
             s.counters.tokens += n_tokens as u64;
         }
+        s.policy.on_layer(layer);
         s.active = experts
             .iter()
             .map(|&expert| ExpertKey { layer, expert })
@@ -795,7 +796,7 @@ impl ExpertSourceFactory for TieredExpertsBuilder {
         layouts: &[ExpertLayerLayout],
     ) -> Result<Arc<dyn ExpertSource>> {
         let lookups_per_token = layouts.iter().map(|l| l.top_k).sum();
-        let policy = self.policy.build(lookups_per_token);
+        let policy = self.policy.build(lookups_per_token, n_layers);
         let (cache, host) = match &self.host {
             None => (
                 TieredExperts::open(n_layers, layouts, self.budget, policy, self.page_cache)?,
@@ -815,7 +816,7 @@ impl ExpertSourceFactory for TieredExpertsBuilder {
                 let host = Arc::new(TieredExperts::over(
                     disk,
                     *host_budget,
-                    PolicyKind::Lru.build(lookups_per_token),
+                    PolicyKind::Lru.build(lookups_per_token, n_layers),
                 )?);
                 let tier = Arc::new(HostTier::new(host.clone(), device.clone()));
                 let upper = TieredExperts::over(tier, self.budget, policy)?;

@@ -75,7 +75,8 @@ struct ModelArgs {
     /// Default: every expert resident.
     #[arg(long)]
     expert_budget: Option<String>,
-    /// Policy of the expert cache: lru, lfu-decay, or prefetch (LRU plus routing-aware
+    /// Policy of the expert cache: lru, lfu-decay, next-use (evicts the expert whose next use,
+    /// going round the layers, is furthest away), or prefetch (next-use plus routing-aware
     /// prefetch of the next layer's guessed experts).
     #[arg(long, default_value = "lru", requires = "expert_budget")]
     expert_policy: String,

@@ -129,5 +129,5 @@ fn bad_budgets_are_one_line_errors() {
         assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
     }
     let out = generate(&["--expert-policy", "fifo", "--expert-budget", "50%"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("lru, lfu-decay or prefetch"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lru, lfu-decay, next-use or prefetch"));
 }
