@@ -20,8 +20,10 @@ pub trait CachePolicy: Send {
     }
     /// `key` was looked up and found resident.
     fn on_hit(&mut self, key: ExpertKey);
-    /// `key` was read from disk and is now resident.
-    fn on_insert(&mut self, key: ExpertKey);
+    /// `key` was read from disk and is now resident (by default, a use like a hit).
+    fn on_insert(&mut self, key: ExpertKey) {
+        self.on_hit(key);
+    }
     /// Decoder layer `layer` is about to look up its experts (once per MoE layer per forward
     /// pass): policies that model the layer cycle track where it is; the default ignores it.
     fn on_layer(&mut self, _layer: usize) {}
@@ -117,10 +119,6 @@ impl CachePolicy for Lru {
         self.touch(key);
     }
 
-    fn on_insert(&mut self, key: ExpertKey) {
-        self.touch(key);
-    }
-
     fn evict(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey> {
         let (&age, &key) = self.by_age.iter().find(|(_, &k)| evictable(k))?;
         self.by_age.remove(&age);
@@ -189,10 +187,6 @@ impl CachePolicy for NextUse {
     }
 
     fn on_hit(&mut self, key: ExpertKey) {
-        self.touch(key);
-    }
-
-    fn on_insert(&mut self, key: ExpertKey) {
         self.touch(key);
     }
 
