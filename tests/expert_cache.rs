@@ -413,7 +413,9 @@ fn prefetch_reads_ahead_and_guesses() {
         let reference = Reference::load(name).unwrap();
         let minimum = minimum_budget(name);
         let resident = engine(name, None, PolicyKind::Lru).unwrap();
-        let all = ExpertBudget::Bytes(resident.model().experts().resident_bytes() as u64 + minimum);
+        // Every expert, plus two reads in flight at once (the loader's and a lookup's).
+        let all =
+            ExpertBudget::Bytes(resident.model().experts().resident_bytes() as u64 + 2 * minimum);
         let lru = engine(name, Some(all), PolicyKind::Lru).unwrap();
         let ahead = engine(name, Some(all), PolicyKind::Prefetch).unwrap();
         for p in &reference.prompts {
