@@ -9,8 +9,9 @@
 //! [`Sink`], which stores it ([`StoreSink`]) or, in the MoE FFN, scatter-accumulates it.
 //! From [`PACKED_MIN_ROWS`](super::gemm_packed::PACKED_MIN_ROWS) rows of `x` on (prefill)
 //! the columns go through widened packed panels instead ([`super::gemm_packed`]).
-//! With AVX-512 (detected at run time) the few-rows case goes to [`super::gemm_avx512`]
-//! instead, and the packed panels use an 8×32 AVX-512 microkernel. Without AVX2/FMA a scalar
+//! With AVX-512 (detected at run time) the case of fewer than
+//! [`PACKED_MIN_ROWS_AVX512`](super::gemm_packed::PACKED_MIN_ROWS_AVX512) rows goes to
+//! [`super::gemm_avx512`] instead, and the packed panels use an 8×32 AVX-512 microkernel. Without AVX2/FMA a scalar
 //! loop computes the same tiles, and says so once on stderr.
 
 use std::sync::OnceLock;
@@ -139,7 +140,13 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
         "matmul_nt_cols: short operands"
     );
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() && m >= super::gemm_packed::PACKED_MIN_ROWS {
+    let packed_from = if super::gemm_avx512::use_avx512() {
+        super::gemm_packed::PACKED_MIN_ROWS_AVX512
+    } else {
+        super::gemm_packed::PACKED_MIN_ROWS
+    };
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && m >= packed_from {
         // SAFETY: AVX2/FMA detected; operand lengths asserted above.
         unsafe { super::gemm_packed::matmul_nt_packed(x, m, k, w, cols, sink) };
         return;

@@ -93,6 +93,32 @@ unsafe fn tiles<W: WeightElem, S: Sink>(
     cols: Range<usize>,
     sink: &S,
 ) {
+    // Columns in blocks whose weights stay in L2 while every group of rows passes over them:
+    // the weights stream from memory once whatever the number of rows.
+    let mut c0 = cols.start;
+    while c0 < cols.end {
+        let c1 = (c0 + COL_BLOCK).min(cols.end);
+        row_groups(xs, m, k, w, c0..c1, sink);
+        c0 = c1;
+    }
+}
+
+/// Output columns per block of [`tiles`]: 64 rows of `w` (128 KiB of bf16 at k = 1024).
+const COL_BLOCK: usize = 64;
+
+/// [`tiles`] over one column block: groups of up to 3 rows, each across the block.
+///
+/// # Safety
+/// As [`matmul_nt_rows`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn row_groups<W: WeightElem, S: Sink>(
+    xs: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    cols: Range<usize>,
+    sink: &S,
+) {
     let mut r = 0;
     while r < m {
         let rows = (m - r).min(3);
@@ -208,6 +234,9 @@ mod tests {
             (4, 64, 17),
             (7, 1000, 41),
             (1, 5, 3),
+            // Several 64-column blocks, with up to 31 rows (the tiles' range with AVX-512).
+            (16, 160, 150),
+            (31, 96, 200),
         ] {
             let mut seed = (m * 7919 + k * 31 + n) as u64;
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();

@@ -10,14 +10,22 @@
 //! panels is widened at once so each block of `x` stays in cache across them. This project's
 //! Xeons issue two 512-bit FMAs a cycle (twice the AVX2 kernel's multiply-adds); their
 //! `vdpbf16ps` issues at a quarter of that, so bf16 dot products would not pay. Used by
-//! [`super::gemm::matmul_nt_cols`] when `x` has at least [`PACKED_MIN_ROWS`] rows and the CPU
-//! has AVX2/FMA.
+//! [`super::gemm::matmul_nt_cols`] when `x` has at least [`PACKED_MIN_ROWS`] rows
+//! ([`PACKED_MIN_ROWS_AVX512`] with AVX-512) and the CPU has AVX2/FMA.
 
 use super::gemm::Sink;
 use super::weights::WeightElem;
 
-/// Rows of `x` from which the packed path beats the register tiles.
+/// Rows of `x` from which the packed path beats the AVX2 register tiles.
 pub const PACKED_MIN_ROWS: usize = 8;
+
+/// Rows of `x` from which the packed path beats the AVX-512 register tiles, which stream the
+/// weights once per 64-column block whatever the number of rows and widen them without
+/// packing. Packing widens and transposes every weight, which pays only when enough rows use
+/// it: below 32 rows (16 decoded sequences' lm_head and projections, a prefill's experts) the
+/// tiles won in A/B pairs on the bench model (16 sequences +7.5 %, prefill 128 +6–13 %, 512
+/// +3 %); 32 and 64 measured the same.
+pub const PACKED_MIN_ROWS_AVX512: usize = 32;
 /// Output columns per panel (two AVX2 vectors).
 const PANEL: usize = 16;
 /// Rows of `x` per microkernel call.
