@@ -98,53 +98,37 @@ unsafe fn tiles<W: WeightElem, S: Sink>(
     let mut c0 = cols.start;
     while c0 < cols.end {
         let c1 = (c0 + COL_BLOCK).min(cols.end);
-        row_groups(xs, m, k, w, c0..c1, sink);
+        let mut r = 0;
+        while r < m {
+            let rows = (m - r).min(3);
+            let mut c = c0;
+            while c < c1 {
+                let left = c1 - c;
+                let xp = xs[r * k..].as_ptr();
+                let wp = w[c * k..].as_ptr();
+                // SAFETY: rows r..r+rows of x and rows c..c+n of w are in bounds (n ≤ left);
+                // AVX-512 is this function's precondition.
+                let n = unsafe {
+                    match (rows, left) {
+                        (1, 8..) => tile::<W, S, 1, 8>(xp, wp, k, r, c, sink),
+                        (2, 4..) => tile::<W, S, 2, 4>(xp, wp, k, r, c, sink),
+                        (3, 4..) => tile::<W, S, 3, 4>(xp, wp, k, r, c, sink),
+                        (1, 4..) => tile::<W, S, 1, 4>(xp, wp, k, r, c, sink),
+                        (1, _) => tile::<W, S, 1, 1>(xp, wp, k, r, c, sink),
+                        (2, _) => tile::<W, S, 2, 1>(xp, wp, k, r, c, sink),
+                        _ => tile::<W, S, 3, 1>(xp, wp, k, r, c, sink),
+                    }
+                };
+                c += n;
+            }
+            r += rows;
+        }
         c0 = c1;
     }
 }
 
 /// Output columns per block of [`tiles`]: 64 rows of `w` (128 KiB of bf16 at k = 1024).
 const COL_BLOCK: usize = 64;
-
-/// [`tiles`] over one column block: groups of up to 3 rows, each across the block.
-///
-/// # Safety
-/// As [`matmul_nt_rows`].
-#[cfg(target_arch = "x86_64")]
-unsafe fn row_groups<W: WeightElem, S: Sink>(
-    xs: &[f32],
-    m: usize,
-    k: usize,
-    w: &[W],
-    cols: Range<usize>,
-    sink: &S,
-) {
-    let mut r = 0;
-    while r < m {
-        let rows = (m - r).min(3);
-        let mut c = cols.start;
-        while c < cols.end {
-            let left = cols.end - c;
-            let xp = xs[r * k..].as_ptr();
-            let wp = w[c * k..].as_ptr();
-            // SAFETY: rows r..r+rows of x and rows c..c+n of w are in bounds (n ≤ left);
-            // AVX-512 is this function's precondition.
-            let n = unsafe {
-                match (rows, left) {
-                    (1, 8..) => tile::<W, S, 1, 8>(xp, wp, k, r, c, sink),
-                    (2, 4..) => tile::<W, S, 2, 4>(xp, wp, k, r, c, sink),
-                    (3, 4..) => tile::<W, S, 3, 4>(xp, wp, k, r, c, sink),
-                    (1, 4..) => tile::<W, S, 1, 4>(xp, wp, k, r, c, sink),
-                    (1, _) => tile::<W, S, 1, 1>(xp, wp, k, r, c, sink),
-                    (2, _) => tile::<W, S, 2, 1>(xp, wp, k, r, c, sink),
-                    _ => tile::<W, S, 3, 1>(xp, wp, k, r, c, sink),
-                }
-            };
-            c += n;
-        }
-        r += rows;
-    }
-}
 
 /// One tile: `R` rows of the reordered `x` × `C` rows of `w`; returns `C`.
 ///
