@@ -192,7 +192,7 @@ impl CachePolicy for NextUse {
 
     fn on_layer(&mut self, layer: usize) {
         let n = self.n_layers;
-        let step = (layer as u64 + n - self.current as u64 % n) % n;
+        let step = (layer as u64 + n - self.current as u64) % n;
         // The same layer again is a whole cycle later.
         self.clock += if step == 0 { n } else { step };
         self.current = layer;
@@ -243,10 +243,6 @@ impl CachePolicy for RoutingPrefetch {
 
     fn on_hit(&mut self, key: ExpertKey) {
         self.eviction.on_hit(key);
-    }
-
-    fn on_insert(&mut self, key: ExpertKey) {
-        self.eviction.on_insert(key);
     }
 
     fn on_layer(&mut self, layer: usize) {
