@@ -119,7 +119,8 @@ pub fn matmul_nt_into<W: WeightElem, S: Sink>(
         matmul_nt_cols(x, m, k, w, 0..n, sink);
         return;
     }
-    let chunk = pool::chunk_size(n, TILE_COLS, 16, 4);
+    // Multiples of 16 columns: the AMX tiles' width (and four of the AVX2 tiles).
+    let chunk = pool::chunk_size(n, 16, 16, 4);
     pool::for_each_task(n.div_ceil(chunk), |t| {
         let cols = t * chunk..((t + 1) * chunk).min(n);
         matmul_nt_cols(x, m, k, w, cols, sink);
@@ -140,6 +141,11 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
         "matmul_nt_cols: short operands"
     );
     #[cfg(target_arch = "x86_64")]
+    let cols = match amx_first(x, m, k, w, cols, sink) {
+        Some(left) => left,
+        None => return,
+    };
+    #[cfg(target_arch = "x86_64")]
     let packed_from = if super::gemm_avx512::use_avx512() {
         super::gemm_packed::PACKED_MIN_ROWS_AVX512
     } else {
@@ -158,6 +164,33 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
         return;
     }
     matmul_nt_cols_avx2(x, m, k, w, cols, sink);
+}
+
+/// Runs what it can of `x · W[cols]ᵀ` on the AMX tiles ([`super::gemm_amx`]: bf16 weights,
+/// enough rows, `k` a multiple of 32, AMX granted) and returns the columns still to do, or
+/// `None` when none are left.
+#[cfg(target_arch = "x86_64")]
+fn amx_first<W: WeightElem, S: Sink>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    cols: std::ops::Range<usize>,
+    sink: &S,
+) -> Option<std::ops::Range<usize>> {
+    use super::gemm_amx::{matmul_nt_amx, use_amx, AMX_MIN_ROWS, K_STEP};
+    if m < AMX_MIN_ROWS || k % K_STEP != 0 {
+        return Some(cols);
+    }
+    let Some(wb) = W::as_bf16(w) else {
+        return Some(cols);
+    };
+    if !use_amx() {
+        return Some(cols);
+    }
+    // SAFETY: AMX granted; operand lengths asserted by the caller; k % 32 == 0.
+    let left = unsafe { matmul_nt_amx(x, m, k, wb, cols, sink) };
+    (!left.is_empty()).then_some(left)
 }
 
 /// [`matmul_nt_cols`] through the AVX2/FMA register tiles (or their scalar fallback), whatever
@@ -341,8 +374,13 @@ mod tests {
 
     fn check<W: WeightElem>(m: usize, k: usize, n: usize, conv: fn(f32) -> W) {
         let mut seed = (m * 1000 + k * 10 + n) as u64;
-        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+        let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
         let w: Vec<W> = (0..n * k).map(|_| conv(lcg(&mut seed))).collect();
+        if W::as_bf16(&w).is_some() {
+            // With bf16 weights the AMX tiles (where the CPU has them) round x to bf16, as a
+            // bf16 run's activations already are: give every path bf16 inputs.
+            x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
+        }
         let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
         let mut out = vec![f32::NAN; m * n];
         let shared = SharedMut::new(&mut out);

@@ -11,7 +11,9 @@
 //! * [`gemm_avx512`]: the few-rows (decode) case on AVX-512 CPUs: 32 weights per load widened
 //!   without shuffles, the next tile prefetched.
 //! * [`gemm_packed`]: the many-rows case: weights widened once into panels, a 6×16 AVX2 or
-//!   12×16 AVX-512 microkernel.
+//!   8×32 AVX-512 microkernel.
+//! * [`gemm_amx`]: the many-rows case for bf16 weights on CPUs with AMX: the weights read
+//!   as stored into tiles, `x` rounded to bf16 and pair-interleaved.
 //! * [`moe_ffn`]: the grouped expert FFN: gate and up in one task with the activation fused,
 //!   the down projection accumulating `weight × output` straight into each token's row.
 //!
@@ -20,6 +22,7 @@
 //! transformers'.
 
 pub mod gemm;
+pub mod gemm_amx;
 pub mod gemm_avx512;
 pub mod gemm_packed;
 pub mod moe_ffn;

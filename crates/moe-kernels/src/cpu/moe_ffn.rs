@@ -129,7 +129,8 @@ pub fn grouped_expert_ffn<W: WeightElem>(
     let mut up = vec![0f32; n_slots * inter];
     {
         let total = active.len() * inter;
-        let chunk = pool::chunk_size(total, 4, 16, 4).min(inter.div_ceil(4) * 4);
+        // Multiples of 16 columns (the AMX tiles' width) where the matrix allows.
+        let chunk = pool::chunk_size(total, 16, 16, 4).min(inter.div_ceil(4) * 4);
         let per_expert = inter.div_ceil(chunk);
         let (gate_s, up_s) = (SharedMut::new(&mut gate), SharedMut::new(&mut up));
         pool::for_each_task(active.len() * per_expert, |t| {
@@ -186,7 +187,7 @@ pub fn grouped_expert_ffn<W: WeightElem>(
                 .unwrap_or(0)
                 * h
     );
-    let chunk = pool::chunk_size(h, 4, 16, 4);
+    let chunk = pool::chunk_size(h, 16, 16, 4);
     let out_s = SharedMut::new(out);
     pool::for_each_task(h.div_ceil(chunk), |t| {
         let cols = t * chunk..((t + 1) * chunk).min(h);

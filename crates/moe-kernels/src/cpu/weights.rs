@@ -36,6 +36,12 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     fn split_x(x: &[f32], out: &mut [f32]) {
         out.copy_from_slice(x);
     }
+
+    /// `w` itself when the elements are bf16 (the AMX tiles read only bf16), else `None`.
+    fn as_bf16(w: &[Self]) -> Option<&[bf16]> {
+        let _ = w;
+        None
+    }
 }
 
 impl WeightElem for f32 {
@@ -98,6 +104,10 @@ impl WeightElem for bf16 {
     }
 
     const SPLITS_X: bool = true;
+
+    fn as_bf16(w: &[Self]) -> Option<&[bf16]> {
+        Some(w)
+    }
 
     /// Even elements of each block of 32 first, then the odd ones (the lanes of
     /// [`WeightElem::load32_split`]).
