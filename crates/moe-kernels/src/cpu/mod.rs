@@ -14,6 +14,8 @@
 //!   8×32 AVX-512 microkernel.
 //! * [`gemm_amx`]: the many-rows case for bf16 weights on CPUs with AMX: the weights read
 //!   as stored into tiles, `x` rounded to bf16 and pair-interleaved.
+//! * [`attention`]: causal attention of one sequence, scores kept in f32 through the masked
+//!   softmax, both products on the GEMM kernels.
 //! * [`moe_ffn`]: the grouped expert FFN: gate and up in one task with the activation fused,
 //!   the down projection accumulating `weight × output` straight into each token's row.
 //!
@@ -21,6 +23,7 @@
 //! The sum order differs from torch's, so bf16 results are close to, not bit-equal with,
 //! transformers'.
 
+pub mod attention;
 pub mod gemm;
 pub mod gemm_amx;
 pub mod gemm_avx512;
@@ -33,6 +36,7 @@ pub mod shared;
 pub mod tensors;
 pub mod weights;
 
+pub use attention::{fast_attention_applies, fast_causal_attention, CausalMask};
 pub use gemm::{
     has_avx2_fma, matmul_nt_cols, matmul_nt_cols_avx2, matmul_nt_into, Sink, StoreSink,
 };

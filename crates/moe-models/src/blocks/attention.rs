@@ -4,6 +4,9 @@
 
 use candle_core::{DType, Tensor};
 use moe_core::Result;
+use moe_kernels::cpu::{
+    fast_attention_applies, fast_causal_attention, numerics, CausalMask, Numerics,
+};
 use moe_kernels::{matmul_nn, matmul_nt, softmax_last_dim, SumOrder};
 use moe_loader::TensorLookup;
 
@@ -193,6 +196,21 @@ impl Attention {
         let group = c.n_heads / c.n_kv_heads;
         // Query heads that share a kv head are stacked as rows: [n_kv, group * n_new, d].
         let q = q.reshape((c.n_kv_heads, group * n_new, d))?;
+        let heads_to_rows = |out: Tensor| -> Result<Tensor> {
+            // [n_kv, group * n_new, d] -> [n_heads, n_new, d] -> [n_new, n_heads * d]
+            let out = out.reshape((c.n_heads, n_new, d))?.transpose(0, 1)?;
+            Ok(out.reshape((n_new, c.n_heads * d))?)
+        };
+        if self.sinks.is_none() && numerics() == Numerics::Fast && fast_attention_applies(&q, k, v)
+        {
+            let mask = CausalMask {
+                n_past,
+                first_key,
+                window: c.sliding_window,
+            };
+            let scale = c.softmax_scale as f32;
+            return heads_to_rows(fast_causal_attention(&q, k, v, n_new, scale, mask)?);
+        }
         // As torch's eager attention: `q·kᵀ` rounded to the compute dtype, scaled in f32 by the
         // f32 scale and rounded again; the softmax runs in f32 and is rounded before `·v`.
         // Each head's products are `n_new × n_keys × d`, the size torch picks its sum order by.
@@ -231,11 +249,7 @@ impl Attention {
         }
         .to_dtype(v.dtype())?;
         let pv_order = SumOrder::batched(n_new, d, n_keys, SumOrder::Interleaved4);
-        // [n_kv, group * n_new, d] -> [n_heads, n_new, d] -> [n_new, n_heads * d]
-        let out = matmul_nn(&probs, v, pv_order)?
-            .reshape((c.n_heads, n_new, d))?
-            .transpose(0, 1)?;
-        Ok(out.reshape((n_new, c.n_heads * d))?)
+        heads_to_rows(matmul_nn(&probs, v, pv_order)?)
     }
 }
 
