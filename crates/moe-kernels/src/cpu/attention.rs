@@ -77,6 +77,9 @@ pub fn fast_causal_attention(
     }
 }
 
+/// Score elements below which the softmax rows are not split over the pool.
+const SERIAL_SOFTMAX_MAX: usize = 1 << 14;
+
 thread_local! {
     /// Per-thread row buffer of the softmax (no allocation per row).
     static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -133,7 +136,12 @@ fn attention_typed<W: WeightElem + WithDType>(
         }
         // 2. Scale, mask and softmax each row in place (masked keys and padding become 0).
         let total = n_kv * rows;
-        let chunk = pool::chunk_size(total, 1, 4, 4);
+        // A decode step's few short rows run on the calling thread.
+        let chunk = if total * kp < SERIAL_SOFTMAX_MAX {
+            total
+        } else {
+            pool::chunk_size(total, 1, 4, 4)
+        };
         pool::for_each_task(total.div_ceil(chunk), |t| {
             ROW.with_borrow_mut(|tmp| {
                 for r in t * chunk..((t + 1) * chunk).min(total) {

@@ -24,6 +24,19 @@ pub fn for_each_task(n_tasks: usize, f: impl Fn(usize) + Send + Sync) {
     }
 }
 
+/// `f` on every item of `items`, spread over the pool (inline with one item or one thread);
+/// the results in item order.
+pub fn map_each_mut<T: Send, R: Send>(
+    items: &mut [T],
+    f: impl Fn(&mut T) -> R + Send + Sync,
+) -> Vec<R> {
+    if items.len() <= 1 || n_threads() <= 1 {
+        items.iter_mut().map(f).collect()
+    } else {
+        items.par_iter_mut().map(f).collect()
+    }
+}
+
 /// How long a helper worker keeps looking for work with nothing to do before it goes back to
 /// rayon's sleep ([`run_on_pool`]).
 const SPIN_LIMIT: Duration = Duration::from_millis(2);

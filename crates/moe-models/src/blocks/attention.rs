@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor};
 use moe_core::Result;
+use moe_kernels::cpu::pool::map_each_mut;
 use moe_kernels::cpu::{
     fast_attention_applies, fast_causal_attention, numerics, CausalMask, Numerics,
 };
@@ -149,8 +150,11 @@ impl Attention {
             k = k.clamp(-clip, clip)?;
             v = v.clamp(-clip, clip)?;
         }
-        let mut outputs = Vec::with_capacity(slots.len());
-        for slot in slots.iter_mut() {
+        // Each sequence's heads, rope, cache append and attention: independent of the other
+        // sequences', so on the CPU the sequences of a batch run in parallel (16 decoding
+        // sequences otherwise leave the second core waiting through 256 small attentions per
+        // step); on a GPU they stay in order on the one stream.
+        let one_sequence = |slot: &mut SequenceSlot<'_>| -> Result<Tensor> {
             let rows = |t: &Tensor, n_heads: usize| -> candle_core::Result<Tensor> {
                 // [n_rows, n_heads * head_dim] -> [n_heads, n_rows, head_dim]
                 t.narrow(0, slot.row_start, slot.n_rows)?
@@ -168,8 +172,15 @@ impl Attention {
             let q_s = rope.apply(&q_s, slot.n_past)?;
             let k_s = rope.apply(&k_s, slot.n_past)?;
             let (k_all, v_all) = slot.cache.append(layer, k_s, v_s)?;
-            outputs.push(self.attend(&q_s, &k_all, &v_all, slot.n_past)?);
-        }
+            self.attend(&q_s, &k_all, &v_all, slot.n_past)
+        };
+        let outputs: Vec<Tensor> = if x.device().is_cpu() {
+            map_each_mut(slots, one_sequence)
+                .into_iter()
+                .collect::<Result<_>>()?
+        } else {
+            slots.iter_mut().map(one_sequence).collect::<Result<_>>()?
+        };
         // [n_tokens, n_heads * head_dim]
         let attended = Tensor::cat(&outputs, 0)?;
         self.o_proj.forward(&attended)
