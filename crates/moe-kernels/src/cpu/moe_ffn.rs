@@ -8,8 +8,11 @@
 //!    number of rows (16 decoding sequences share the experts they have in common).
 //! 3. Down, accumulated: one task per block of hidden columns walks the active experts in
 //!    increasing id order and adds `routing weight × (h · W_downᵀ + b)` straight into the
-//!    tokens' output rows ([`AccumulateSink`]): no per-expert output tensors, no combine
-//!    pass, and each token's experts are summed in a fixed order (deterministic).
+//!    tokens' output rows ([`AccumulateSink`]): no combine pass, and each token's experts are
+//!    summed in a fixed order (deterministic). With few rows in all (decode, up to
+//!    [`DOWN_BY_EXPERT_MAX_SLOTS`]) the products come first, one task per expert over its
+//!    whole matrix (one long stream of weights instead of a short one per column block), and
+//!    the column tasks only add them in: the same arithmetic in the same order, bit for bit.
 //!
 //! Weights are any [`WeightElem`]; int8 experts (`--expert-dtype q8`) carry one f32 scale per
 //! output row and every projection's dot products pass through [`ScaledSink`] before the bias,
@@ -110,6 +113,32 @@ pub fn grouped_expert_ffn<W: WeightElem>(
     activation: ExpertActivation,
     out: &mut [f32],
 ) {
+    let by_expert = groups.token_rows.len() <= DOWN_BY_EXPERT_MAX_SLOTS;
+    grouped_ffn(
+        x,
+        hidden,
+        intermediate,
+        groups,
+        experts,
+        activation,
+        out,
+        by_expert,
+    );
+}
+
+/// [`grouped_expert_ffn`] with the down projection's split chosen by the caller: by experts
+/// (`by_expert`) or by output columns.
+#[allow(clippy::too_many_arguments)]
+fn grouped_ffn<W: WeightElem>(
+    x: &[f32],
+    hidden: usize,
+    intermediate: usize,
+    groups: &ExpertGroups,
+    experts: &[ExpertSlices<'_, W>],
+    activation: ExpertActivation,
+    out: &mut [f32],
+    by_expert: bool,
+) {
     let (h, inter) = (hidden, intermediate);
     let active: Vec<usize> = groups.active_experts().collect();
     assert_eq!(
@@ -187,6 +216,21 @@ pub fn grouped_expert_ffn<W: WeightElem>(
                 .unwrap_or(0)
                 * h
     );
+    // With few rows per expert (decode) each expert's whole down matrix is one task, a long
+    // stream of weights, into `y`; the column tasks below then only add `y` into the tokens'
+    // rows. With many rows (prefill) the column tasks compute it themselves. Either way each
+    // output element adds its token's experts in increasing id order with the same arithmetic.
+    let y = by_expert.then(|| {
+        let mut y = vec![0f32; n_slots * h];
+        let y_s = SharedMut::new(&mut y);
+        pool::for_each_task(active.len(), |i| {
+            let slots = groups.offsets[active[i]]..groups.offsets[active[i] + 1];
+            let sink = StoreSink::new(&y_s, h, slots.start, None);
+            down_projection(&hidden_act, inter, &experts[i], slots, 0..h, &sink);
+        });
+        drop(y_s);
+        y
+    });
     let chunk = pool::chunk_size(h, 16, 16, 4);
     let out_s = SharedMut::new(out);
     pool::for_each_task(h.div_ceil(chunk), |t| {
@@ -200,19 +244,39 @@ pub fn grouped_expert_ffn<W: WeightElem>(
                 weights: &groups.weights[slots.clone()],
                 bias: experts[i].down_bias,
             };
-            let he = &hidden_act[slots.start * inter..slots.end * inter];
-            let scales = experts[i].scales.map(|[_, _, d]| d);
-            project(
-                he,
-                slots.len(),
-                inter,
-                experts[i].down,
-                cols.clone(),
-                scales,
-                &sink,
-            );
+            match &y {
+                Some(y) => {
+                    for (row, slot) in slots.enumerate() {
+                        for col in cols.clone() {
+                            // SAFETY: this task alone owns columns `cols` of the output.
+                            unsafe { sink.put(row, col, y[slot * h + col]) };
+                        }
+                    }
+                }
+                None => {
+                    down_projection(&hidden_act, inter, &experts[i], slots, cols.clone(), &sink)
+                }
+            }
         }
     });
+}
+
+/// Slots (rows of `x` in slot order) from which the down projection splits by columns
+/// instead of by experts: below it the per-expert outputs (`slots × hidden` f32) are small.
+const DOWN_BY_EXPERT_MAX_SLOTS: usize = 256;
+
+/// `sink ← h[slots] · W_down[cols]ᵀ` for one expert (its int8 scales applied when it has them).
+fn down_projection<W: WeightElem, S: Sink>(
+    hidden_act: &[f32],
+    inter: usize,
+    expert: &ExpertSlices<'_, W>,
+    slots: Range<usize>,
+    cols: Range<usize>,
+    sink: &S,
+) {
+    let he = &hidden_act[slots.start * inter..slots.end * inter];
+    let scales = expert.scales.map(|[_, _, d]| d);
+    project(he, slots.len(), inter, expert.down, cols, scales, sink);
 }
 
 /// The gated activation of one element, in f32.
@@ -225,5 +289,76 @@ fn activate(activation: ExpertActivation, gate: f32, up: f32) -> f32 {
             let u = up.clamp(-limit, limit);
             (u + 1.0) * g / (1.0 + (-alpha * g).exp())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// The two splits of the down projection give the same bits, with bf16 and with scaled
+    /// int8 weights, biases, and experts of 1 to 20 rows (register tiles and AMX tiles).
+    fn splits_agree<W: WeightElem>(conv: fn(f32) -> W, scaled: bool) {
+        let (h, inter, n_experts, top_k, n_tokens) = (96, 64, 6, 3, 20);
+        let mut seed = 7u64;
+        let mut mat = |rows: usize, cols: usize| -> Vec<W> {
+            (0..rows * cols).map(|_| conv(lcg(&mut seed))).collect()
+        };
+        let weights: Vec<[Vec<W>; 3]> = (0..n_experts)
+            .map(|_| [mat(inter, h), mat(inter, h), mat(h, inter)])
+            .collect();
+        let mut seed = 11u64;
+        let mut vals = |n: usize| -> Vec<f32> { (0..n).map(|_| lcg(&mut seed)).collect() };
+        let biases: Vec<[Vec<f32>; 3]> = (0..n_experts)
+            .map(|_| [vals(inter), vals(inter), vals(h)])
+            .collect();
+        let scales: Vec<[Vec<f32>; 3]> = (0..n_experts)
+            .map(|_| [vals(inter), vals(inter), vals(h)])
+            .collect();
+        let x = vals(n_tokens * h);
+        // Expert 0 takes every token (20 rows), the others a few each.
+        let ids: Vec<u32> = (0..n_tokens)
+            .flat_map(|t| [0, 1 + (t % 5) as u32, 1 + ((t + 2) % 5) as u32])
+            .collect();
+        let route_w = vals(n_tokens * top_k);
+        let groups = ExpertGroups::from_slices(&ids, &route_w, top_k, n_experts).unwrap();
+        let slices: Vec<ExpertSlices<'_, W>> = groups
+            .active_experts()
+            .map(|e| ExpertSlices {
+                gate: &weights[e][0],
+                up: &weights[e][1],
+                down: &weights[e][2],
+                gate_bias: Some(&biases[e][0]),
+                up_bias: Some(&biases[e][1]),
+                down_bias: Some(&biases[e][2]),
+                scales: scaled.then(|| [&scales[e][0][..], &scales[e][1][..], &scales[e][2][..]]),
+            })
+            .collect();
+        let run = |by_expert: bool| {
+            let mut out = vec![0f32; n_tokens * h];
+            let act = ExpertActivation::SiluGlu;
+            grouped_ffn(&x, h, inter, &groups, &slices, act, &mut out, by_expert);
+            out
+        };
+        let (a, b) = (run(true), run(false));
+        assert!(a.iter().any(|v| *v != 0.0));
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(p.to_bits(), q.to_bits(), "element {i}: {p} vs {q}");
+        }
+    }
+
+    #[test]
+    fn down_split_by_expert_is_bit_identical_to_by_columns() {
+        splits_agree::<bf16>(bf16::from_f32, false);
+        splits_agree::<f32>(|v| v, false);
+        splits_agree::<i8>(|v| (v * 250.0) as i8, true);
     }
 }
