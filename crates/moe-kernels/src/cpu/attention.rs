@@ -68,14 +68,31 @@ pub fn fast_causal_attention(
     scale: f32,
     mask: CausalMask,
 ) -> Result<Tensor> {
+    blocked_attention(q, k, v, n_new, scale, mask, SCORE_BLOCK_BYTES)
+}
+
+/// [`fast_causal_attention`] with the query rows in blocks whose scores take about
+/// `block_bytes` (at least 64 rows a block).
+fn blocked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n_new: usize,
+    scale: f32,
+    mask: CausalMask,
+    block_bytes: usize,
+) -> Result<Tensor> {
     match k.dtype() {
-        DType::BF16 => attention_typed::<bf16>(q, k, v, n_new, scale, mask),
-        DType::F32 => attention_typed::<f32>(q, k, v, n_new, scale, mask),
+        DType::BF16 => attention_typed::<bf16>(q, k, v, n_new, scale, mask, block_bytes),
+        DType::F32 => attention_typed::<f32>(q, k, v, n_new, scale, mask, block_bytes),
         dt => Err(Error::InvalidRequest(format!(
             "fast attention: a kv cache in {dt:?}"
         ))),
     }
 }
+
+/// Bytes of f32 scores one block of query rows may take (rows are processed in blocks).
+const SCORE_BLOCK_BYTES: usize = 8 << 20;
 
 /// Score elements below which the softmax rows are not split over the pool.
 const SERIAL_SOFTMAX_MAX: usize = 1 << 14;
@@ -85,6 +102,7 @@ thread_local! {
     static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attention_typed<W: WeightElem + WithDType>(
     q: &Tensor,
     k: &Tensor,
@@ -92,6 +110,7 @@ fn attention_typed<W: WeightElem + WithDType>(
     n_new: usize,
     scale: f32,
     mask: CausalMask,
+    block_bytes: usize,
 ) -> Result<Tensor> {
     let (n_kv, rows, d) = q.dims3()?;
     let n_keys = k.dim(1)?;
@@ -108,7 +127,10 @@ fn attention_typed<W: WeightElem + WithDType>(
     let kp = n_keys.div_ceil(32) * 32;
     let qf = to_f32_vec(q)?;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    let mut scores = vec![0f32; n_kv * rows * kp];
+    // Rows in blocks, so the scores of a long prompt never take more than about
+    // `block_bytes` (and stay in cache between the three steps below).
+    let block = (block_bytes / (kp * 4)).clamp(64, rows.max(64));
+    let mut scores = vec![0f32; block.min(rows) * kp];
     let mut out = vec![0f32; n_kv * rows * d];
     {
         let (k_storage, k_layout) = k.storage_and_layout();
@@ -127,44 +149,49 @@ fn attention_typed<W: WeightElem + WithDType>(
                 }
             }
         }
-        // 1. Scores, row stride kp.
-        let scores_s = SharedMut::new(&mut scores);
-        for h in 0..n_kv {
-            let sink = StoreSink::new(&scores_s, kp, h * rows, None);
-            let kh = &kw[h * n_keys * d..(h + 1) * n_keys * d];
-            matmul_nt_into(&qf[h * rows * d..], rows, d, kh, n_keys, &sink);
-        }
-        // 2. Scale, mask and softmax each row in place (masked keys and padding become 0).
-        let total = n_kv * rows;
-        // A decode step's few short rows run on the calling thread.
-        let chunk = if total * kp < SERIAL_SOFTMAX_MAX {
-            total
-        } else {
-            pool::chunk_size(total, 1, 4, 4)
-        };
-        pool::for_each_task(total.div_ceil(chunk), |t| {
-            ROW.with_borrow_mut(|tmp| {
-                for r in t * chunk..((t + 1) * chunk).min(total) {
-                    let seen = mask.visible(r % rows % n_new, n_keys);
-                    // SAFETY: each task owns whole rows r of the score matrix.
-                    let row = unsafe { std::slice::from_raw_parts_mut(scores_s.at(r * kp), kp) };
-                    let visible = &mut row[seen.clone()];
-                    visible.iter_mut().for_each(|s| *s *= scale);
-                    tmp.resize(visible.len(), 0.0);
-                    softmax_row(visible, tmp);
-                    visible.copy_from_slice(tmp);
-                    row[..seen.start].fill(0.0);
-                    row[seen.end..].fill(0.0);
-                }
-            });
-        });
-        drop(scores_s);
-        // 3. P · v.
         let out_s = SharedMut::new(&mut out);
         for h in 0..n_kv {
-            let sink = StoreSink::new(&out_s, d, h * rows, None);
+            let kh = &kw[h * n_keys * d..(h + 1) * n_keys * d];
             let vh = &vt[h * d * kp..(h + 1) * d * kp];
-            matmul_nt_into(&scores[h * rows * kp..], rows, kp, vh, d, &sink);
+            let mut r0 = 0;
+            while r0 < rows {
+                let n_rows = block.min(rows - r0);
+                let blk = &mut scores[..n_rows * kp];
+                let first = (h * rows + r0) * d;
+                // 1. Scores, row stride kp.
+                let scores_s = SharedMut::new(blk);
+                let sink = StoreSink::new(&scores_s, kp, 0, None);
+                matmul_nt_into(&qf[first..first + n_rows * d], n_rows, d, kh, n_keys, &sink);
+                // 2. Scale, mask and softmax each row in place (masked keys and padding
+                // become 0). A decode step's few short rows run on the calling thread.
+                let chunk = if n_rows * kp < SERIAL_SOFTMAX_MAX {
+                    n_rows
+                } else {
+                    pool::chunk_size(n_rows, 1, 4, 4)
+                };
+                pool::for_each_task(n_rows.div_ceil(chunk), |t| {
+                    ROW.with_borrow_mut(|tmp| {
+                        for r in t * chunk..((t + 1) * chunk).min(n_rows) {
+                            let seen = mask.visible((r0 + r) % n_new, n_keys);
+                            // SAFETY: each task owns whole rows r of the block.
+                            let row =
+                                unsafe { std::slice::from_raw_parts_mut(scores_s.at(r * kp), kp) };
+                            let visible = &mut row[seen.clone()];
+                            visible.iter_mut().for_each(|s| *s *= scale);
+                            tmp.resize(visible.len(), 0.0);
+                            softmax_row(visible, tmp);
+                            visible.copy_from_slice(tmp);
+                            row[..seen.start].fill(0.0);
+                            row[seen.end..].fill(0.0);
+                        }
+                    });
+                });
+                drop(scores_s);
+                // 3. P · v.
+                let sink = StoreSink::new(&out_s, d, h * rows + r0, None);
+                matmul_nt_into(&scores[..n_rows * kp], n_rows, kp, vh, d, &sink);
+                r0 += n_rows;
+            }
         }
     }
     from_f32_vec(out, &[n_kv, rows, d], q.dtype(), q.device())
@@ -184,12 +211,14 @@ mod tests {
                 (1, 4, 1, 9, 64, None),
                 (2, 1, 7, 3, 16, Some(4)),
                 (1, 2, 40, 0, 32, None),
+                // 150 rows in blocks of 64 (block_bytes below), a window across blocks.
+                (1, 3, 50, 20, 32, Some(30)),
             ] {
                 let n_keys = n_past + n_new;
                 let rows = group * n_new;
                 let gen = |n: usize, seed: f32| -> Vec<f32> {
                     (0..n)
-                        .map(|i| ((i as f32 * 0.37 + seed).sin() * 2.0))
+                        .map(|i| (i as f32 * 0.37 + seed).sin() * 2.0)
                         .collect()
                 };
                 let qv = gen(n_kv * rows * d, 0.1);
@@ -223,7 +252,10 @@ mod tests {
                     first_key: 0,
                     window,
                 };
-                let got = back(&fast_causal_attention(&q, &k, &v, n_new, scale, mask).unwrap());
+                // Blocks of 64 rows: 64 × kp × 4 bytes.
+                let block_bytes = 64 * n_keys.div_ceil(32) * 32 * 4;
+                let got = blocked_attention(&q, &k, &v, n_new, scale, mask, block_bytes);
+                let got = back(&got.unwrap());
                 for h in 0..n_kv {
                     for r in 0..rows {
                         let i = r % n_new;
