@@ -186,7 +186,6 @@ fn attention_typed<W: WeightElem + WithDType>(
                         }
                     });
                 });
-                drop(scores_s);
                 // 3. P · v.
                 let sink = StoreSink::new(&out_s, d, h * rows + r0, None);
                 matmul_nt_into(&scores[..n_rows * kp], n_rows, kp, vh, d, &sink);

@@ -362,15 +362,9 @@ unsafe fn tile_avx2<W: WeightElem, S: Sink, const R: usize, const C: usize>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::lcg;
     use super::*;
     use half::bf16;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
 
     fn check<W: WeightElem>(m: usize, k: usize, n: usize, conv: fn(f32) -> W) {
         let mut seed = (m * 1000 + k * 10 + n) as u64;

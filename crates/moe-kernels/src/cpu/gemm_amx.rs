@@ -148,14 +148,14 @@ thread_local! {
 /// `[k / 2][16]` pairs, pair `(p, r)` = `x[r][2p]` in the low half and `x[r][2p + 1]` in the
 /// high half; rows past `m` are zero. Writes into `out` (resized).
 pub fn pack_x(x: &[f32], m: usize, k: usize, out: &mut Vec<u32>) {
-    assert!(k % 2 == 0 && x.len() >= m * k);
+    assert!(k.is_multiple_of(2) && x.len() >= m * k);
     let blocks = m.div_ceil(TILE);
     let half = k / 2;
     out.resize(blocks * half * TILE, 0);
     for (b, block) in out.chunks_exact_mut(half * TILE).enumerate() {
         let rows = TILE.min(m - b * TILE);
         #[cfg(target_arch = "x86_64")]
-        if super::gemm_avx512::use_avx512() && k % K_STEP == 0 {
+        if super::gemm_avx512::use_avx512() && k.is_multiple_of(K_STEP) {
             // SAFETY: AVX-512 detected; the block's rows of x and the block are in bounds.
             unsafe { pack_block_avx512(&x[b * TILE * k..], rows, k, block) };
             continue;
@@ -288,7 +288,7 @@ pub unsafe fn matmul_nt_amx<S: Sink>(
     cols: Range<usize>,
     sink: &S,
 ) -> Range<usize> {
-    assert!(k % K_STEP == 0 && x.len() >= m * k && w.len() >= cols.end * k);
+    assert!(k.is_multiple_of(K_STEP) && x.len() >= m * k && w.len() >= cols.end * k);
     let whole = cols.start + (cols.len() / TILE) * TILE;
     if whole == cols.start || m == 0 {
         return cols;
@@ -440,14 +440,8 @@ unsafe fn products<const NA: usize, const NB: usize>(
 mod tests {
     use super::super::gemm::{matmul_nt_cols_avx2, StoreSink};
     use super::super::shared::SharedMut;
+    use super::super::test_util::{assert_agree_outside_column_0, lcg};
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
 
     #[test]
     fn packing_matches_the_scalar_layout() {
@@ -507,14 +501,7 @@ mod tests {
             matmul_nt_cols_avx2(&x, m, k, &w, left, &StoreSink::new(&sa, n, 0, None));
             matmul_nt_cols_avx2(&x, m, k, &w, cols, &StoreSink::new(&sb, n, 0, None));
             drop((sa, sb));
-            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                if i % n == 0 {
-                    assert!(p.is_nan() && q.is_nan(), "column 0 is outside the range");
-                    continue;
-                }
-                let tol = 1e-5 * (k as f32).sqrt() * (1.0 + q.abs());
-                assert!((p - q).abs() <= tol, "{m}x{k}x{n} [{i}]: {p} vs {q}");
-            }
+            assert_agree_outside_column_0(&a, &b, m, k, n);
         }
     }
 }

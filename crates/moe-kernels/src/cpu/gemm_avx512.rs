@@ -192,15 +192,9 @@ unsafe fn tile<W: WeightElem, S: Sink, const R: usize, const C: usize>(
 mod tests {
     use super::super::gemm::{matmul_nt_cols_avx2, StoreSink};
     use super::super::shared::SharedMut;
+    use super::super::test_util::{assert_agree_outside_column_0, lcg};
     use super::*;
     use half::bf16;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
 
     /// The AVX-512 tiles against the AVX2 tiles (the CPU twin every other path is tested
     /// against) on shapes off the step, the tile and the row block.
@@ -232,14 +226,7 @@ mod tests {
             unsafe { matmul_nt_rows(&x, m, k, &w, cols.clone(), &StoreSink::new(&sa, n, 0, None)) };
             matmul_nt_cols_avx2(&x, m, k, &w, cols, &StoreSink::new(&sb, n, 0, None));
             drop((sa, sb));
-            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                if i % n == 0 {
-                    assert!(p.is_nan() && q.is_nan(), "column 0 is outside the range");
-                    continue;
-                }
-                let tol = 1e-5 * (k as f32).sqrt() * (1.0 + q.abs());
-                assert!((p - q).abs() <= tol, "{m}x{k}x{n} [{i}]: {p} vs {q}");
-            }
+            assert_agree_outside_column_0(&a, &b, m, k, n);
         }
     }
 

@@ -34,6 +34,8 @@ pub mod pool;
 pub mod q8;
 pub mod shared;
 pub mod tensors;
+#[cfg(test)]
+mod test_util;
 pub mod weights;
 
 pub use attention::{fast_attention_applies, fast_causal_attention, CausalMask};

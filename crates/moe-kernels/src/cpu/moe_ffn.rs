@@ -228,7 +228,6 @@ fn grouped_ffn<W: WeightElem>(
             let sink = StoreSink::new(&y_s, h, slots.start, None);
             down_projection(&hidden_act, inter, &experts[i], slots, 0..h, &sink);
         });
-        drop(y_s);
         y
     });
     let chunk = pool::chunk_size(h, 16, 16, 4);
@@ -294,15 +293,9 @@ fn activate(activation: ExpertActivation, gate: f32, up: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::lcg;
     use super::*;
     use half::bf16;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
 
     /// The two splits of the down projection give the same bits, with bf16 and with scaled
     /// int8 weights, biases, and experts of 1 to 20 rows (register tiles and AMX tiles).

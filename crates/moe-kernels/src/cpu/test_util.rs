@@ -1,0 +1,22 @@
+//! Helpers the CPU kernels' unit tests share.
+
+/// The next value of a 64-bit LCG, mapped to `[-0.5, 0.5)`.
+pub fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+}
+
+/// Asserts that two `m × n` products over `k`, computed for columns `1..n` only, agree within
+/// f32 rounding (relative `1e-5 √k`) and both left column 0 untouched (NaN).
+pub fn assert_agree_outside_column_0(got: &[f32], want: &[f32], m: usize, k: usize, n: usize) {
+    for (i, (p, q)) in got.iter().zip(want).enumerate() {
+        if i % n == 0 {
+            assert!(p.is_nan() && q.is_nan(), "column 0 is outside the range");
+            continue;
+        }
+        let tol = 1e-5 * (k as f32).sqrt() * (1.0 + q.abs());
+        assert!((p - q).abs() <= tol, "{m}x{k}x{n} [{i}]: {p} vs {q}");
+    }
+}
