@@ -114,7 +114,11 @@ fn attention_typed<W: WeightElem + WithDType>(
 ) -> Result<Tensor> {
     let (n_kv, rows, d) = q.dims3()?;
     let n_keys = k.dim(1)?;
-    if k.dims3()? != (n_kv, n_keys, d) || v.dims3()? != (n_kv, n_keys, d) || rows % n_new != 0 {
+    if k.dims3()? != (n_kv, n_keys, d)
+        || v.dims3()? != (n_kv, n_keys, d)
+        || n_new == 0
+        || rows % n_new != 0
+    {
         return Err(Error::InvalidRequest(format!(
             "fast attention: q {:?}, k {:?}, v {:?} with {n_new} new tokens do not match",
             q.dims(),
