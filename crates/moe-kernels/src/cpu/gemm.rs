@@ -127,6 +127,41 @@ pub fn matmul_nt_into<W: WeightElem, S: Sink>(
     });
 }
 
+/// Rows of `x` (`[m, k]` f32, row-major) for one or more products: the form a kernel packs
+/// them into (the AMX tiles' bf16 pairs) is made on first use and shared by every product and
+/// thread that uses these rows, so an expert's gate and up, or the column tasks of one
+/// projection, pack their common rows once.
+pub struct PreparedRows<'a> {
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    /// `x` packed for [`super::gemm_amx`], made by the first AMX product.
+    amx: OnceLock<Vec<u32>>,
+}
+
+impl<'a> PreparedRows<'a> {
+    /// The first `m` rows of `k` elements of `x`.
+    pub fn new(x: &'a [f32], m: usize, k: usize) -> Self {
+        assert!(x.len() >= m * k, "PreparedRows: short rows");
+        Self {
+            x,
+            m,
+            k,
+            amx: OnceLock::new(),
+        }
+    }
+
+    /// `x` packed as the AMX tiles' B operand ([`super::gemm_amx::pack_x`]).
+    #[cfg(target_arch = "x86_64")]
+    fn amx_packed(&self) -> &[u32] {
+        self.amx.get_or_init(|| {
+            let mut packed = Vec::new();
+            super::gemm_amx::pack_x(self.x, self.m, self.k, &mut packed);
+            packed
+        })
+    }
+}
+
 /// `sink ← x · W[cols]ᵀ` on the calling thread: output columns `cols` for all `m` rows.
 pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
     x: &[f32],
@@ -136,12 +171,20 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
     cols: std::ops::Range<usize>,
     sink: &S,
 ) {
-    assert!(
-        x.len() >= m * k && w.len() >= cols.end * k,
-        "matmul_nt_cols: short operands"
-    );
+    matmul_nt_cols_prepared(&PreparedRows::new(x, m, k), w, cols, sink);
+}
+
+/// [`matmul_nt_cols`] for rows that several products share ([`PreparedRows`]).
+pub fn matmul_nt_cols_prepared<W: WeightElem, S: Sink>(
+    rows: &PreparedRows<'_>,
+    w: &[W],
+    cols: std::ops::Range<usize>,
+    sink: &S,
+) {
+    let (x, m, k) = (rows.x, rows.m, rows.k);
+    assert!(w.len() >= cols.end * k, "matmul_nt_cols: short operands");
     #[cfg(target_arch = "x86_64")]
-    let cols = match amx_first(x, m, k, w, cols, sink) {
+    let cols = match amx_first(rows, w, cols, sink) {
         Some(left) => left,
         None => return,
     };
@@ -171,15 +214,14 @@ pub fn matmul_nt_cols<W: WeightElem, S: Sink>(
 /// `None` when none are left.
 #[cfg(target_arch = "x86_64")]
 fn amx_first<W: WeightElem, S: Sink>(
-    x: &[f32],
-    m: usize,
-    k: usize,
+    rows: &PreparedRows<'_>,
     w: &[W],
     cols: std::ops::Range<usize>,
     sink: &S,
 ) -> Option<std::ops::Range<usize>> {
     use super::gemm_amx::{matmul_nt_amx, use_amx, AMX_MIN_ROWS, K_STEP};
-    if m < AMX_MIN_ROWS || k % K_STEP != 0 {
+    let (m, k) = (rows.m, rows.k);
+    if m < AMX_MIN_ROWS || !k.is_multiple_of(K_STEP) {
         return Some(cols);
     }
     let Some(wb) = W::as_bf16(w) else {
@@ -188,8 +230,9 @@ fn amx_first<W: WeightElem, S: Sink>(
     if !use_amx() {
         return Some(cols);
     }
-    // SAFETY: AMX granted; operand lengths asserted by the caller; k % 32 == 0.
-    let left = unsafe { matmul_nt_amx(x, m, k, wb, cols, sink) };
+    // SAFETY: AMX granted; the packed rows and w's rows up to cols.end (asserted by the
+    // caller) are in bounds; k % 32 == 0.
+    let left = unsafe { matmul_nt_amx(rows.amx_packed(), m, k, wb, cols, sink) };
     (!left.is_empty()).then_some(left)
 }
 

@@ -7,7 +7,8 @@
 //! `k` (64 bytes each) are one "A" tile, loaded with `W`'s own row stride: no packing, no
 //! widening. `x` is the "B" operand, which AMX wants pair-interleaved: row `p` of a B tile
 //! holds, for each of 16 rows of `x`, the two bf16 `x[r][2p], x[r][2p + 1]`. So `x` is
-//! rounded to bf16 and transposed by 32-bit pairs once per call ([`pack_x`]), in blocks of 16
+//! rounded to bf16 and transposed by 32-bit pairs once per set of rows ([`pack_x`], made once
+//! for all products that share the rows: [`super::gemm::PreparedRows`]), in blocks of 16
 //! rows (the last one zero-padded). A tile product then adds 16 output columns × 16 rows of
 //! dot products over 32 elements of `k` into an f32 accumulator tile; two A and two B tiles
 //! feed four accumulators, so each tile load serves two products.
@@ -21,7 +22,6 @@
 //! [`use_amx`] says the CPU and the OS allow it; columns past the last whole 16 take the
 //! AVX-512 path.
 
-use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -137,11 +137,6 @@ impl TileConfig {
         colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
         rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
     };
-}
-
-thread_local! {
-    /// Per-thread buffer of `x` packed by [`pack_x`] (no allocation per call once warm).
-    static PACKED_X: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `x` (`[m, k]` f32) rounded to bf16 and laid out as B tiles: blocks of 16 rows, each
@@ -273,29 +268,33 @@ unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64
     }
 }
 
-/// `sink ← x · W[cols]ᵀ` for bf16 `W` on the AMX tiles; returns the columns it left (the
-/// last `cols.len() % 16`), for the caller to run on another path.
+/// `sink ← x · W[cols]ᵀ` for bf16 `W` on the AMX tiles, `x` given as [`pack_x`] packed its
+/// `m` rows of `k`; returns the columns it left (the last `cols.len() % 16`), for the caller
+/// to run on another path.
 ///
 /// # Safety
-/// [`use_amx`] must have returned true; `x` holds `m * k` and `w` `cols.end * k` elements;
-/// `k % 32 == 0`.
+/// [`use_amx`] must have returned true; `packed` holds `m` rows packed by [`pack_x`] and `w`
+/// `cols.end * k` elements; `k % 32 == 0`.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn matmul_nt_amx<S: Sink>(
-    x: &[f32],
+    packed: &[u32],
     m: usize,
     k: usize,
     w: &[bf16],
     cols: Range<usize>,
     sink: &S,
 ) -> Range<usize> {
-    assert!(k.is_multiple_of(K_STEP) && x.len() >= m * k && w.len() >= cols.end * k);
+    let blocks = m.div_ceil(TILE);
+    assert!(
+        k.is_multiple_of(K_STEP)
+            && packed.len() >= blocks * (k / 2) * TILE
+            && w.len() >= cols.end * k
+    );
     let whole = cols.start + (cols.len() / TILE) * TILE;
     if whole == cols.start || m == 0 {
         return cols;
     }
-    PACKED_X.with_borrow_mut(|packed| {
-        pack_x(x, m, k, packed);
-        let blocks = m.div_ceil(TILE);
+    {
         let config = TileConfig::ALL_16X64;
         // SAFETY: AMX is granted (the caller's promise); the config is a valid palette 1.
         unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) &config, options(nostack)) };
@@ -338,7 +337,7 @@ pub unsafe fn matmul_nt_amx<S: Sink>(
         }
         // SAFETY: releases this thread's tile state (no tile is used after this).
         unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
-    });
+    }
     whole..cols.end
 }
 
@@ -494,8 +493,17 @@ mod tests {
             let (sa, sb) = (SharedMut::new(&mut a), SharedMut::new(&mut b));
             let cols = 1..n;
             // SAFETY: AMX granted above; operand sizes match; k % 32 == 0.
+            let mut packed = Vec::new();
+            pack_x(&x, m, k, &mut packed);
             let left = unsafe {
-                matmul_nt_amx(&x, m, k, &w, cols.clone(), &StoreSink::new(&sa, n, 0, None))
+                matmul_nt_amx(
+                    &packed,
+                    m,
+                    k,
+                    &w,
+                    cols.clone(),
+                    &StoreSink::new(&sa, n, 0, None),
+                )
             };
             assert_eq!(left.len(), (n - 1) % TILE);
             matmul_nt_cols_avx2(&x, m, k, &w, left, &StoreSink::new(&sa, n, 0, None));

@@ -40,7 +40,8 @@ pub mod weights;
 
 pub use attention::{fast_attention_applies, fast_causal_attention, CausalMask};
 pub use gemm::{
-    has_avx2_fma, matmul_nt_cols, matmul_nt_cols_avx2, matmul_nt_into, Sink, StoreSink,
+    has_avx2_fma, matmul_nt_cols, matmul_nt_cols_avx2, matmul_nt_cols_prepared, matmul_nt_into,
+    PreparedRows, Sink, StoreSink,
 };
 pub use moe_ffn::{grouped_expert_ffn, ExpertSlices};
 pub use numerics::{numerics, set_numerics, Numerics};

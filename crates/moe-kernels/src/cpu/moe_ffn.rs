@@ -22,7 +22,7 @@
 
 use std::ops::Range;
 
-use super::gemm::{matmul_nt_cols, Sink, StoreSink};
+use super::gemm::{matmul_nt_cols_prepared, PreparedRows, Sink, StoreSink};
 use super::pool;
 use super::q8::ScaledSink;
 use super::shared::SharedMut;
@@ -54,27 +54,21 @@ pub struct ExpertSlices<'a, W> {
 /// `sink ← x · W[cols]ᵀ`, each dot product multiplied by its row's scale first when `scales`
 /// is given (int8 weights).
 fn project<W: WeightElem, S: Sink>(
-    x: &[f32],
-    rows: usize,
-    k: usize,
+    x: &PreparedRows<'_>,
     w: &[W],
     cols: Range<usize>,
     scales: Option<&[f32]>,
     sink: &S,
 ) {
     match scales {
-        Some(scales) => matmul_nt_cols(
-            x,
-            rows,
-            k,
-            w,
-            cols,
-            &ScaledSink {
+        Some(scales) => {
+            let scaled = ScaledSink {
                 inner: sink,
                 scales,
-            },
-        ),
-        None => matmul_nt_cols(x, rows, k, w, cols, sink),
+            };
+            matmul_nt_cols_prepared(x, w, cols, &scaled)
+        }
+        None => matmul_nt_cols_prepared(x, w, cols, sink),
     }
 }
 
@@ -153,6 +147,15 @@ fn grouped_ffn<W: WeightElem>(
         let row = row as usize;
         xg[slot * h..(slot + 1) * h].copy_from_slice(&x[row * h..(row + 1) * h]);
     }
+    // Each expert's rows, prepared once for its gate, up and every column task.
+    let slots_of = |e: usize| groups.offsets[e]..groups.offsets[e + 1];
+    let expert_rows: Vec<PreparedRows<'_>> = active
+        .iter()
+        .map(|&e| {
+            let slots = slots_of(e);
+            PreparedRows::new(&xg[slots.start * h..slots.end * h], slots.len(), h)
+        })
+        .collect();
     // 2. Gate and up with the activation fused.
     let mut gate = vec![0f32; n_slots * inter];
     let mut up = vec![0f32; n_slots * inter];
@@ -166,31 +169,14 @@ fn grouped_ffn<W: WeightElem>(
             let (i, c) = (t / per_expert, t % per_expert);
             let e = active[i];
             let w = &experts[i];
-            let slots = groups.offsets[e]..groups.offsets[e + 1];
-            let rows = slots.len();
-            let xe = &xg[slots.start * h..slots.end * h];
+            let slots = slots_of(e);
+            let xe = &expert_rows[i];
             let cols = c * chunk..((c + 1) * chunk).min(inter);
             let scales = w.scales.map(|[g, u, _]| (g, u));
             let g_sink = StoreSink::new(&gate_s, inter, slots.start, w.gate_bias);
-            project(
-                xe,
-                rows,
-                h,
-                w.gate,
-                cols.clone(),
-                scales.map(|s| s.0),
-                &g_sink,
-            );
+            project(xe, w.gate, cols.clone(), scales.map(|s| s.0), &g_sink);
             let u_sink = StoreSink::new(&up_s, inter, slots.start, w.up_bias);
-            project(
-                xe,
-                rows,
-                h,
-                w.up,
-                cols.clone(),
-                scales.map(|s| s.1),
-                &u_sink,
-            );
+            project(xe, w.up, cols.clone(), scales.map(|s| s.1), &u_sink);
             for slot in slots {
                 for col in cols.clone() {
                     let idx = slot * inter + col;
@@ -220,13 +206,21 @@ fn grouped_ffn<W: WeightElem>(
     // stream of weights, into `y`; the column tasks below then only add `y` into the tokens'
     // rows. With many rows (prefill) the column tasks compute it themselves. Either way each
     // output element adds its token's experts in increasing id order with the same arithmetic.
+    let hidden_rows: Vec<PreparedRows<'_>> = active
+        .iter()
+        .map(|&e| {
+            let slots = slots_of(e);
+            let he = &hidden_act[slots.start * inter..slots.end * inter];
+            PreparedRows::new(he, slots.len(), inter)
+        })
+        .collect();
     let y = by_expert.then(|| {
         let mut y = vec![0f32; n_slots * h];
         let y_s = SharedMut::new(&mut y);
         pool::for_each_task(active.len(), |i| {
-            let slots = groups.offsets[active[i]]..groups.offsets[active[i] + 1];
-            let sink = StoreSink::new(&y_s, h, slots.start, None);
-            down_projection(&hidden_act, inter, &experts[i], slots, 0..h, &sink);
+            let sink = StoreSink::new(&y_s, h, slots_of(active[i]).start, None);
+            let scales = experts[i].scales.map(|[_, _, d]| d);
+            project(&hidden_rows[i], experts[i].down, 0..h, scales, &sink);
         });
         y
     });
@@ -235,7 +229,7 @@ fn grouped_ffn<W: WeightElem>(
     pool::for_each_task(h.div_ceil(chunk), |t| {
         let cols = t * chunk..((t + 1) * chunk).min(h);
         for (i, &e) in active.iter().enumerate() {
-            let slots = groups.offsets[e]..groups.offsets[e + 1];
+            let slots = slots_of(e);
             let sink = AccumulateSink {
                 out: &out_s,
                 ld: h,
@@ -253,7 +247,14 @@ fn grouped_ffn<W: WeightElem>(
                     }
                 }
                 None => {
-                    down_projection(&hidden_act, inter, &experts[i], slots, cols.clone(), &sink)
+                    let scales = experts[i].scales.map(|[_, _, d]| d);
+                    project(
+                        &hidden_rows[i],
+                        experts[i].down,
+                        cols.clone(),
+                        scales,
+                        &sink,
+                    )
                 }
             }
         }
@@ -263,20 +264,6 @@ fn grouped_ffn<W: WeightElem>(
 /// Slots (rows of `x` in slot order) from which the down projection splits by columns
 /// instead of by experts: below it the per-expert outputs (`slots × hidden` f32) are small.
 const DOWN_BY_EXPERT_MAX_SLOTS: usize = 256;
-
-/// `sink ← h[slots] · W_down[cols]ᵀ` for one expert (its int8 scales applied when it has them).
-fn down_projection<W: WeightElem, S: Sink>(
-    hidden_act: &[f32],
-    inter: usize,
-    expert: &ExpertSlices<'_, W>,
-    slots: Range<usize>,
-    cols: Range<usize>,
-    sink: &S,
-) {
-    let he = &hidden_act[slots.start * inter..slots.end * inter];
-    let scales = expert.scales.map(|[_, _, d]| d);
-    project(he, slots.len(), inter, expert.down, cols, scales, sink);
-}
 
 /// The gated activation of one element, in f32.
 #[inline(always)]
