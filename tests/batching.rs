@@ -29,6 +29,7 @@ fn check_batch_invariance(name: &str) -> f32 {
             device: Device::Cpu,
             expert_source: None,
             expert_dtype: Default::default(),
+            dense_dtype: Default::default(),
         },
         false,
     )

@@ -480,6 +480,7 @@ fn cached_decoder(name: &str, builder: &Arc<TieredExpertsBuilder>) -> moe_models
         device: Device::Cpu,
         expert_source: Some(builder.clone()),
         expert_dtype: Default::default(),
+        dense_dtype: Default::default(),
     };
     load_decoder(&fixture_dir(name), &options, false).unwrap()
 }

@@ -29,6 +29,7 @@ fn fixtures_match_transformers_on_cuda() {
             device: device.clone(),
             expert_source: None,
             expert_dtype: Default::default(),
+            dense_dtype: Default::default(),
         };
         let model = load_decoder(&fixture_dir(name), &options, false).unwrap();
         for (p, prompt) in reference.prompts.iter().enumerate() {

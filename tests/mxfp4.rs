@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moe_cache::{ExpertBudget, PolicyKind, TieredExpertsBuilder};
-use moe_kernels::ExpertDtype;
+use moe_kernels::WeightDtype;
 use moe_models::{load_decoder, ForwardContext, LoadOptions, LogitsWanted, SequenceInput};
 use moe_tests::{fixture_dir, Reference};
 
@@ -134,6 +134,7 @@ fn mxfp4_checkpoint_loads_like_its_dequantized_float_twin() {
         device: dev.clone(),
         expert_source: None,
         expert_dtype: Default::default(),
+        dense_dtype: Default::default(),
     };
     let reference = Reference::load("gpt_oss").unwrap();
     let prompt = &reference.prompts[0].input_ids;
@@ -162,13 +163,15 @@ fn mxfp4_checkpoint_loads_like_its_dequantized_float_twin() {
     let tiered = LoadOptions {
         expert_source: Some(builder.clone()),
         expert_dtype: Default::default(),
+        dense_dtype: Default::default(),
         ..options.clone()
     };
     let from_packed_on_demand = logits_with(&packed_dir, &tiered);
     // Int8 experts (`--expert-dtype q8`) quantize the MXFP4-dequantized values: the same model
     // from either checkpoint, resident or read on demand by the expert cache.
     let q8 = LoadOptions {
-        expert_dtype: ExpertDtype::Q8,
+        expert_dtype: WeightDtype::Q8,
+        dense_dtype: Default::default(),
         ..options.clone()
     };
     let q8_packed = logits_with(&packed_dir, &q8);

@@ -46,6 +46,7 @@ fn load(name: &str, reference: &Reference) -> DecoderModel {
         device: Device::Cpu,
         expert_source: None,
         expert_dtype: Default::default(),
+        dense_dtype: Default::default(),
     };
     load_decoder(&fixture_dir(name), &options, false).unwrap_or_else(|e| panic!("{name}: {e}"))
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use moe_core::{Error, ExpertKey, Result};
-use moe_kernels::{ExpertDtype, ExpertWeights};
+use moe_kernels::{ExpertWeights, WeightDtype};
 use moe_models::{ExpertLayerLayout, ExpertOnDisk, ExpertSource};
 
 use crate::direct_io::{open_direct, read_direct, AlignedRead, DIRECT_SLACK};
@@ -68,9 +68,9 @@ pub fn transient_bytes(on_disk: &ExpertOnDisk) -> u64 {
     };
     slack
         + match on_disk.expert_dtype {
-            ExpertDtype::Compute => decode,
-            ExpertDtype::Q8 if on_disk.quantizes_in_place() => decode + ram,
-            ExpertDtype::Q8 => decode + ram + float,
+            WeightDtype::Compute => decode,
+            WeightDtype::Q8 if on_disk.quantizes_in_place() => decode + ram,
+            WeightDtype::Q8 => decode + ram + float,
         }
 }
 

@@ -207,6 +207,8 @@ pub struct BenchReport {
     pub dtype: String,
     /// How the routed experts are held: `q8` or the compute dtype.
     pub expert_dtype: String,
+    /// How the dense projections are held: `q8` or the compute dtype.
+    pub dense_dtype: String,
     /// Device the model runs on.
     pub device: String,
     /// `RAYON_NUM_THREADS` if set, else the available parallelism.
@@ -377,6 +379,7 @@ pub fn run_bench(
         architecture: engine.summary().architecture.clone(),
         dtype: format!("{:?}", engine.model().dtype()).to_lowercase(),
         expert_dtype: engine.summary().expert_dtype.clone(),
+        dense_dtype: engine.summary().dense_dtype.clone(),
         device: format!("{:?}", engine.model().device().location()).to_lowercase(),
         threads: std::env::var("RAYON_NUM_THREADS")
             .ok()
@@ -433,7 +436,10 @@ fn decode_rates(responses: &[GenerateResponse]) -> (f64, f64) {
 /// lm_head) + `top_k / n_experts` of the routed experts + one embedding row. With a tied
 /// lm_head the embedding table is read whole as the head. Int8 experts (`expert_dtype` `q8`
 /// in the summary) count one byte per routed parameter (their per-row scales, 4 bytes per
-/// row of thousands, are left out); everything else is held in `dtype`.
+/// row of thousands, are left out); int8 dense projections (`dense_dtype` `q8`) one byte per
+/// non-routed parameter other than the routers and the embedding row (the norms, a few
+/// thousand parameters a layer, are counted at one byte too); everything else is held in
+/// `dtype`.
 pub fn decode_weight_bytes_per_token(
     summary: &ModelSummary,
     hparams: &DecoderHParams,
@@ -450,12 +456,21 @@ pub fn decode_weight_bytes_per_token(
         .saturating_sub(untied_embedding)
         .saturating_add(hparams.hidden_size as u64);
     let elem = dtype.size_in_bytes() as u64;
-    if summary.expert_dtype == "q8" {
-        let routed = summary.params_active_routed.min(params);
-        (params - routed) * elem + routed
+    let routed = summary.params_active_routed.min(params);
+    let routed_bytes = if summary.expert_dtype == "q8" {
+        routed
     } else {
-        params * elem
-    }
+        routed * elem
+    };
+    let rest = params - routed;
+    let rest_bytes = if summary.dense_dtype == "q8" {
+        let routers = (summary.moe_layers.len() * summary.n_experts * hparams.hidden_size) as u64;
+        let float = (routers + hparams.hidden_size as u64).min(rest);
+        float * elem + (rest - float)
+    } else {
+        rest * elem
+    };
+    routed_bytes + rest_bytes
 }
 
 /// Read bandwidth of main memory in GB/s (10^9 bytes): the best of eight passes of `threads`

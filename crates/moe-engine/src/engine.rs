@@ -41,7 +41,11 @@ pub struct EngineOptions {
     pub expert_page_cache: PageCache,
     /// How routed experts are held (`--expert-dtype`): the compute dtype, or int8 with per-row
     /// scales, quantized at load (CPU with fast numerics only; a clear error otherwise).
-    pub expert_dtype: moe_kernels::ExpertDtype,
+    pub expert_dtype: moe_kernels::WeightDtype,
+    /// How the dense projections (attention, dense and shared-expert MLPs, lm head) are held
+    /// (`--dense-dtype`): the compute dtype, or int8 with per-row scales, quantized at load
+    /// (CPU with fast numerics only; a clear error otherwise).
+    pub dense_dtype: moe_kernels::WeightDtype,
 }
 
 /// The folder of the bundled demo model: `$MOE_INFER_BUNDLED_MODEL`, else `models/tinystories-moe`
@@ -121,6 +125,7 @@ impl Engine {
                 .clone()
                 .map(|b| b as Arc<dyn moe_models::ExpertSourceFactory>),
             expert_dtype: options.expert_dtype,
+            dense_dtype: options.dense_dtype,
         };
         let model = load_decoder(&dir, &load_options, options.show_progress)?;
         let expert_cache = builder.as_ref().and_then(|b| b.built());

@@ -41,7 +41,7 @@ pub use device::{DeviceChoice, DtypeChoice};
 pub use engine::{bundled_model_dir, Engine, EngineOptions};
 pub use moe_cache::{ExpertBudget, ExpertCacheStats, LayerUsage, PageCache, PolicyKind};
 pub use moe_core::{Error, Result};
-pub use moe_kernels::ExpertDtype;
+pub use moe_kernels::WeightDtype;
 pub use perplexity::PerplexityReport;
 pub use request::{ChatMessage, FinishReason, GenerateRequest, GenerateResponse, Prompt, Timings};
 pub use sampling::{Sampler, SamplingParams};

@@ -119,8 +119,8 @@ fn format_table(r: &BenchReport) -> String {
         out.push('\n');
     };
     line(format!(
-        "model {} ({}), dtype {}, experts {}, device {}, {} thread(s), load {:.1} s, {} repetition(s): median [min–max]",
-        r.model, r.architecture, r.dtype, r.expert_dtype, r.device, r.threads, r.load_seconds, r.config.repetitions
+        "model {} ({}), dtype {}, experts {}, dense {}, device {}, {} thread(s), load {:.1} s, {} repetition(s): median [min–max]",
+        r.model, r.architecture, r.dtype, r.expert_dtype, r.dense_dtype, r.device, r.threads, r.load_seconds, r.config.repetitions
     ));
     line(String::new());
     line(format!(
@@ -226,8 +226,8 @@ fn write_plot(r: &BenchReport, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(&e))?;
     let title = format!(
-        "moe-infer decode, {}, experts {} ({})",
-        r.dtype, r.expert_dtype, r.architecture
+        "moe-infer decode, {}, experts {}, dense {} ({})",
+        r.dtype, r.expert_dtype, r.dense_dtype, r.architecture
     );
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))

@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 
 use moe_engine::{
-    ChatMessage, DeviceChoice, DtypeChoice, Engine, EngineOptions, ExpertBudget, ExpertDtype,
-    GenerateRequest, PageCache, PolicyKind, Prompt, SamplingParams,
+    ChatMessage, DeviceChoice, DtypeChoice, Engine, EngineOptions, ExpertBudget, GenerateRequest,
+    PageCache, PolicyKind, Prompt, SamplingParams, WeightDtype,
 };
 
 /// mimalloc keeps freed activation buffers for reuse; glibc's malloc returns large ones to the
@@ -97,6 +97,11 @@ struct ModelArgs {
     /// output row, quantized at load; CPU and fast numerics only).
     #[arg(long, default_value = "auto")]
     expert_dtype: String,
+    /// Dense projections' storage (attention, dense and shared-expert MLPs, lm head; not
+    /// routers or embeddings): auto (the compute dtype) or q8 (int8 with one f32 scale per
+    /// output row, quantized at load; CPU and fast numerics only).
+    #[arg(long, default_value = "auto")]
+    dense_dtype: String,
 }
 
 impl ModelArgs {
@@ -105,7 +110,8 @@ impl ModelArgs {
             moe_kernels::cpu::set_numerics(numerics.parse::<moe_kernels::cpu::Numerics>()?);
         }
         let options = EngineOptions {
-            expert_dtype: self.expert_dtype.parse::<ExpertDtype>()?,
+            expert_dtype: self.expert_dtype.parse::<WeightDtype>()?,
+            dense_dtype: self.dense_dtype.parse::<WeightDtype>()?,
             model: self.model.clone(),
             device: self.device.parse::<DeviceChoice>()?,
             dtype: self.dtype.parse::<DtypeChoice>()?,
@@ -477,6 +483,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
     )?;
     writeln!(std::io::stdout(), "compute dtype {}", s.compute_dtype)?;
     writeln!(std::io::stdout(), "expert dtype  {}", s.expert_dtype)?;
+    writeln!(std::io::stdout(), "dense dtype   {}", s.dense_dtype)?;
     Ok(())
 }
 

@@ -486,8 +486,9 @@ fn unknown_device_and_dtype() {
     );
 }
 
-/// `--expert-dtype q8` where nothing computes int8 experts (torch-exact numerics) is a one-line
-/// error saying what is unsupported; an unknown expert dtype names the choices.
+/// `--expert-dtype q8` or `--dense-dtype q8` where nothing computes int8 weights (torch-exact
+/// numerics) is a one-line error saying what is unsupported; an unknown weight dtype names the
+/// choices.
 #[test]
 fn q8_experts_with_torch_exact_numerics() {
     let dir = Path::new(FIXTURES).join("mixtral");
@@ -498,6 +499,14 @@ fn q8_experts_with_torch_exact_numerics() {
     assert_error(
         &generate(&dir, &["--expert-dtype", "q4"]),
         &["q4", "expected auto or q8"],
+    );
+    assert_error(
+        &generate(&dir, &["--dense-dtype", "q8", "--numerics", "torch-exact"]),
+        &["--dense-dtype q8 is not supported with --numerics torch-exact"],
+    );
+    assert_error(
+        &generate(&dir, &["--dense-dtype", "int4"]),
+        &["int4", "expected auto or q8"],
     );
 }
 

@@ -244,6 +244,17 @@ fn inspect_reports_experts_and_parameter_counts() {
         "--json",
     ]));
     assert_eq!(q8["expert_dtype"], "q8");
+    assert_eq!(q8["dense_dtype"], "f32");
+    let all_q8 = json_of(&moe_infer(&[
+        "inspect",
+        "--model",
+        fixture_dir("qwen2_moe").to_str().unwrap(),
+        "--dense-dtype",
+        "q8",
+        "--json",
+    ]));
+    assert_eq!(all_q8["expert_dtype"], "f32");
+    assert_eq!(all_q8["dense_dtype"], "q8");
 }
 
 #[test]

@@ -6,6 +6,7 @@
 use candle_core::{DType, Tensor, D};
 use moe_core::Result;
 
+use crate::cpu::{fast_matmul_nt_q8, numerics, Numerics};
 use crate::expert_q8::Q8Scales;
 use crate::matmul::{matmul_nt, SumOrder};
 
@@ -107,12 +108,25 @@ impl ExpertWeights {
     }
 }
 
-/// Runs one expert over its rows (`[n_rows, hidden]`).
+/// Runs one expert over its rows (`[n_rows, hidden]`). Int8 weights run on the CPU's int8
+/// kernel with fast numerics, and are dequantized per call anywhere else.
 pub fn expert_ffn(
     x: &Tensor,
     weights: &ExpertWeights,
     activation: ExpertActivation,
 ) -> Result<Tensor> {
+    if let Some(scales) = &weights.q8_scales {
+        if x.device().is_cpu() && numerics() == Numerics::Fast {
+            // int8 matrices (a dense MLP of `--dense-dtype q8`) on the int8 kernel
+            let project = |x: &Tensor, q: &Tensor, s: &Tensor, b: &Option<Tensor>| {
+                fast_matmul_nt_q8(x, q, s, b.as_ref())
+            };
+            let gate = project(x, &weights.gate, &scales.gate, &weights.gate_bias)?;
+            let up = project(x, &weights.up, &scales.up, &weights.up_bias)?;
+            let hidden = activate(&gate, &up, activation)?;
+            return project(&hidden, &weights.down, &scales.down, &weights.down_bias);
+        }
+    }
     let weights = &*weights.dequantized(x.dtype())?;
     // [n_rows, intermediate]
     let gate = matmul_nt(
@@ -122,12 +136,7 @@ pub fn expert_ffn(
         SumOrder::Blocked,
     )?;
     let up = matmul_nt(x, &weights.up, weights.up_bias.as_ref(), SumOrder::Blocked)?;
-    let hidden = match activation {
-        ExpertActivation::SiluGlu => (silu(&gate)? * up)?,
-        ExpertActivation::ClampedSwiGlu { alpha, limit } => {
-            clamped_swiglu(&gate, &up, alpha, limit)?
-        }
-    };
+    let hidden = activate(&gate, &up, activation)?;
     // [n_rows, hidden]
     matmul_nt(
         &hidden,
@@ -135,6 +144,14 @@ pub fn expert_ffn(
         weights.down_bias.as_ref(),
         SumOrder::Blocked,
     )
+}
+
+/// `act(gate) · up`, elementwise.
+fn activate(gate: &Tensor, up: &Tensor, activation: ExpertActivation) -> Result<Tensor> {
+    Ok(match activation {
+        ExpertActivation::SiluGlu => (silu(gate)? * up)?,
+        ExpertActivation::ClampedSwiGlu { alpha, limit } => clamped_swiglu(gate, up, alpha, limit)?,
+    })
 }
 
 /// GPT-OSS's gate: each elementary op in f32, rounded to the inputs' dtype after each step

@@ -1,6 +1,7 @@
-//! Int8 routed-expert weights (`--expert-dtype q8`): the [`ExpertDtype`] choice, quantizing an
+//! Int8 weights: the [`WeightDtype`] choice (`--expert-dtype`, `--dense-dtype`), quantizing an
 //! [`ExpertWeights`] per output row at load, and dequantizing it where a candle path needs
-//! float tensors. The int8 matrix itself and the kernel-side scaling are [`crate::cpu::q8`].
+//! float tensors (the dense projections' int8 form is [`crate::dense_q8`]). The int8 matrix
+//! itself and the kernel-side scaling are [`crate::cpu::q8`].
 //!
 //! Storage: candle has no `i8` dtype, so the values live in `U8` tensors (same shape,
 //! `[out, in]`) holding the `i8` bit patterns, and the per-row scales in `[out]` f32 tensors
@@ -17,34 +18,36 @@ use crate::cpu::q8::Q8Matrix;
 use crate::cpu::tensors::slice_of;
 use crate::expert_ffn::ExpertWeights;
 
-/// How routed experts are held in memory.
+/// How a group of weight matrices is held in memory: the routed experts
+/// (`--expert-dtype`) or the dense projections (`--dense-dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ExpertDtype {
-    /// In the compute dtype, like every other weight.
+pub enum WeightDtype {
+    /// In the compute dtype.
     #[default]
     Compute,
     /// Int8 with one f32 scale per output row (`scale = max|w| / 127`), quantized at load;
-    /// computed by the CPU's grouped expert kernel. Biases stay unquantized.
+    /// computed by the CPU's fast kernels (the grouped expert kernel, [`crate::Q8Dense`]).
+    /// Biases stay unquantized.
     Q8,
 }
 
-impl std::str::FromStr for ExpertDtype {
+impl std::str::FromStr for WeightDtype {
     type Err = Error;
 
-    /// `auto` (the compute dtype) or `q8`, as `--expert-dtype` spells them.
+    /// `auto` (the compute dtype) or `q8`, as `--expert-dtype` and `--dense-dtype` spell them.
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "auto" | "compute" => Ok(Self::Compute),
             "q8" | "int8" => Ok(Self::Q8),
             other => Err(Error::InvalidRequest(format!(
-                "unknown expert dtype '{other}': expected auto or q8"
+                "unknown weight dtype '{other}': expected auto or q8"
             ))),
         }
     }
 }
 
-impl ExpertDtype {
+impl WeightDtype {
     /// The name `inspect` and `bench` print: `q8`, or the compute dtype's.
     pub fn describe(self, compute: DType) -> String {
         match self {
@@ -120,21 +123,10 @@ impl ExpertWeights {
         let Some(scales) = &self.q8_scales else {
             return Ok(Cow::Borrowed(self));
         };
-        let float = |q: &Tensor, s: &Tensor| -> Result<Tensor> {
-            let (rows, cols) = q.dims2()?;
-            let bits: Vec<u8> = q.flatten_all()?.to_vec1()?;
-            let scales: Vec<f32> = s.to_vec1()?;
-            let values: Vec<f32> = bits
-                .chunks_exact(cols)
-                .zip(&scales)
-                .flat_map(|(row, &scale)| row.iter().map(move |&b| b as i8 as f32 * scale))
-                .collect();
-            Ok(Tensor::from_vec(values, (rows, cols), q.device())?.to_dtype(dtype)?)
-        };
         Ok(Cow::Owned(Self {
-            gate: float(&self.gate, &scales.gate)?,
-            up: float(&self.up, &scales.up)?,
-            down: float(&self.down, &scales.down)?,
+            gate: dequantize_matrix(&self.gate, &scales.gate, dtype)?,
+            up: dequantize_matrix(&self.up, &scales.up, dtype)?,
+            down: dequantize_matrix(&self.down, &scales.down, dtype)?,
             gate_bias: self.gate_bias.clone(),
             up_bias: self.up_bias.clone(),
             down_bias: self.down_bias.clone(),
@@ -143,14 +135,28 @@ impl ExpertWeights {
     }
 }
 
+/// `scale × value` of an int8 `[rows, cols]` matrix (`U8` bit patterns, `[rows]` f32 scales)
+/// as a float matrix in `dtype`, on the values' device.
+pub(crate) fn dequantize_matrix(q: &Tensor, s: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (rows, cols) = q.dims2()?;
+    let bits: Vec<u8> = q.flatten_all()?.to_vec1()?;
+    let scales: Vec<f32> = s.to_vec1()?;
+    let values: Vec<f32> = bits
+        .chunks_exact(cols)
+        .zip(&scales)
+        .flat_map(|(row, &scale)| row.iter().map(move |&b| b as i8 as f32 * scale))
+        .collect();
+    Ok(Tensor::from_vec(values, (rows, cols), q.device())?.to_dtype(dtype)?)
+}
+
 /// Quantizes a `[rows, cols]` CPU matrix: the int8 values as a `U8` tensor of their bit
 /// patterns, and the `[rows]` f32 scales. bf16 and f32 are read in place; other dtypes are
 /// widened to f32 first.
-fn quantize_matrix(t: &Tensor) -> Result<(Tensor, Tensor)> {
+pub(crate) fn quantize_matrix(t: &Tensor) -> Result<(Tensor, Tensor)> {
     let (rows, cols) = t.dims2()?;
     if !t.device().is_cpu() {
         return Err(Error::InvalidRequest(
-            "int8 experts (--expert-dtype q8) are quantized and computed on the CPU only".into(),
+            "int8 weights (--expert-dtype q8, --dense-dtype q8) are quantized and computed on the CPU only".into(),
         ));
     }
     let t = t.contiguous()?;
@@ -211,7 +217,7 @@ mod tests {
         };
         let q = w.quantize_q8().unwrap();
         assert!(q.is_q8() && q.gate.dtype() == DType::U8);
-        let q8 = ExpertDtype::Q8;
+        let q8 = WeightDtype::Q8;
         let want =
             2 * q8.matrix_bytes(i, h, DType::F32) + q8.matrix_bytes(h, i, DType::F32) + 4 * h;
         assert_eq!(q.n_bytes(), want);
@@ -251,11 +257,11 @@ mod tests {
 
     #[test]
     fn parses_the_flag() {
-        assert_eq!("auto".parse::<ExpertDtype>().unwrap(), ExpertDtype::Compute);
-        assert_eq!("q8".parse::<ExpertDtype>().unwrap(), ExpertDtype::Q8);
-        let err = "q4".parse::<ExpertDtype>().unwrap_err().to_string();
+        assert_eq!("auto".parse::<WeightDtype>().unwrap(), WeightDtype::Compute);
+        assert_eq!("q8".parse::<WeightDtype>().unwrap(), WeightDtype::Q8);
+        let err = "q4".parse::<WeightDtype>().unwrap_err().to_string();
         assert!(err.contains("expected auto or q8"), "{err}");
-        assert_eq!(ExpertDtype::Q8.describe(DType::BF16), "q8");
-        assert_eq!(ExpertDtype::Compute.describe(DType::BF16), "bf16");
+        assert_eq!(WeightDtype::Q8.describe(DType::BF16), "q8");
+        assert_eq!(WeightDtype::Compute.describe(DType::BF16), "bf16");
     }
 }

@@ -23,6 +23,7 @@ fn main() -> anyhow::Result<()> {
         device: Device::Cpu,
         expert_source: None,
         expert_dtype: Default::default(),
+        dense_dtype: Default::default(),
     };
     let model = load_decoder(&dir, &options, false)?;
     eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use moe_core::{Error, Result, RoutingSpec};
 use moe_kernels::cpu::{numerics, Numerics};
-use moe_kernels::{ExpertActivation, ExpertDtype};
+use moe_kernels::{ExpertActivation, WeightDtype};
 use moe_loader::TensorLookup;
 
 use crate::blocks::attention::{Attention, AttentionConfig, SequenceSlot};
@@ -284,28 +284,33 @@ fn load_router(block: &TensorLookup, moe: &MoeRecipe, hidden: usize) -> Result<L
     let router = Linear::load(block, r.name, hidden, moe.routing.n_experts, r.bias)?;
     match (r.f32_logits, r.bias) {
         (false, _) => Ok(router),
-        (true, false) => Ok(Linear::from_weight(router.weight().to_dtype(DType::F32)?)),
+        (true, false) => Ok(Linear::from_weight(router.weight()?.to_dtype(DType::F32)?)),
         (true, true) => Err(Error::InvalidRequest(
             "an f32 router with a bias is not supported".into(),
         )),
     }
 }
 
-/// Refuses int8 experts where nothing computes them: they run only on the CPU's grouped
-/// expert kernel, which torch-exact numerics bypass.
-fn check_expert_dtype(options: &LoadOptions) -> Result<()> {
-    if options.expert_dtype != ExpertDtype::Q8 {
-        return Ok(());
-    }
-    if !options.device.is_cpu() {
-        return Err(Error::InvalidRequest(
-            "--expert-dtype q8 is not supported on CUDA: int8 experts run on the CPU's grouped expert kernel only (use --device cpu or drop --expert-dtype)".into(),
-        ));
-    }
-    if numerics() == Numerics::TorchExact {
-        return Err(Error::InvalidRequest(
-            "--expert-dtype q8 is not supported with --numerics torch-exact: int8 experts are not torch's numerics (use --numerics fast or drop --expert-dtype)".into(),
-        ));
+/// Refuses int8 weights where nothing computes them: they run only on the CPU's fast kernels,
+/// which torch-exact numerics bypass.
+fn check_weight_dtypes(options: &LoadOptions) -> Result<()> {
+    for (flag, dtype) in [
+        ("--expert-dtype", options.expert_dtype),
+        ("--dense-dtype", options.dense_dtype),
+    ] {
+        if dtype != WeightDtype::Q8 {
+            continue;
+        }
+        if !options.device.is_cpu() {
+            return Err(Error::InvalidRequest(format!(
+                "{flag} q8 is not supported on CUDA: int8 weights run on the CPU's kernels only (use --device cpu or drop {flag})"
+            )));
+        }
+        if numerics() == Numerics::TorchExact {
+            return Err(Error::InvalidRequest(format!(
+                "{flag} q8 is not supported with --numerics torch-exact: int8 weights are not torch's numerics (use --numerics fast or drop {flag})"
+            )));
+        }
     }
     Ok(())
 }
@@ -319,7 +324,7 @@ impl DecoderModel {
     ) -> Result<Self> {
         let hp = recipe.hparams.clone();
         let h = hp.hidden_size;
-        check_expert_dtype(options)?;
+        check_weight_dtypes(options)?;
         let model = lookup.pp("model");
         let embed = model.get("embed_tokens.weight", &[hp.vocab_size, h])?;
         let mut layouts = Vec::new();
@@ -357,12 +362,15 @@ impl DecoderModel {
         for (layer, ffn) in recipe.ffn.iter().enumerate() {
             let lw = model.pp(format!("layers.{layer}"));
             let ffn = match ffn {
-                FfnRecipe::Dense { intermediate } => FeedForward::Dense(GatedMlp::load(
-                    &lw.pp("mlp"),
-                    &ExpertNames::GATE_UP_DOWN_PROJ,
-                    h,
-                    *intermediate,
-                )?),
+                FfnRecipe::Dense { intermediate } => FeedForward::Dense(
+                    GatedMlp::load(
+                        &lw.pp("mlp"),
+                        &ExpertNames::GATE_UP_DOWN_PROJ,
+                        h,
+                        *intermediate,
+                    )?
+                    .stored_as(options.dense_dtype)?,
+                ),
                 FfnRecipe::Sparse(moe) => {
                     let block = lw.pp(moe.block);
                     let shared = match &moe.shared {
@@ -373,7 +381,8 @@ impl DecoderModel {
                                 &ExpertNames::GATE_UP_DOWN_PROJ,
                                 h,
                                 s.intermediate,
-                            )?,
+                            )?
+                            .stored_as(options.dense_dtype)?,
                             gate: s
                                 .gate
                                 .map(|g| Linear::load(&block, g, h, 1, false))
@@ -411,6 +420,7 @@ impl DecoderModel {
                         if let Some(&window) = recipe.layer_windows.get(layer) {
                             attention.sliding_window = window;
                         }
+                        attention.dense_dtype = options.dense_dtype;
                         attention
                     },
                     f32_rope.as_ref(),
@@ -424,7 +434,8 @@ impl DecoderModel {
             Linear::from_weight(embed.clone())
         } else {
             Linear::load(lookup, "lm_head", h, hp.vocab_size, hp.lm_head_bias)?
-        };
+        }
+        .stored_as(options.dense_dtype)?;
         let rope = RotaryEmbedding::new(
             &hp.rope,
             hp.max_position_embeddings,
@@ -439,6 +450,7 @@ impl DecoderModel {
             lookup.checkpoint(),
             options.dtype,
             options.expert_dtype,
+            options.dense_dtype,
         );
         Ok(Self {
             hparams: hp,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moe_core::{Error, ExpertKey, Result};
-use moe_kernels::{ExpertDtype, ExpertGroups, ExpertWeights};
+use moe_kernels::{ExpertGroups, ExpertWeights, WeightDtype};
 use moe_loader::{TensorLocation, TensorLookup};
 
 /// Checkpoint names of one expert's three projections, relative to the expert's prefix
@@ -254,7 +254,7 @@ pub struct ExpertOnDisk {
     /// (equal to `ram_bytes` without it): decoding holds them transiently.
     pub float_bytes: usize,
     /// How the decoded matrices are stored.
-    pub expert_dtype: ExpertDtype,
+    pub expert_dtype: WeightDtype,
     layout: ExpertLayout,
     hidden: usize,
     intermediate: usize,
@@ -372,11 +372,11 @@ impl ExpertLayerLayout {
         let (dtype, elem) = (block.dtype(), block.dtype().size_in_bytes());
         // The three matrices in their final storage, the biases (never quantized) as loaded.
         let matrices =
-            |x: ExpertDtype| 2 * x.matrix_bytes(i, h, dtype) + x.matrix_bytes(h, i, dtype);
+            |x: WeightDtype| 2 * x.matrix_bytes(i, h, dtype) + x.matrix_bytes(h, i, dtype);
         let on_disk = |tensors: Vec<TensorLocation>, bias_elems: usize| ExpertOnDisk {
             tensors,
             ram_bytes: matrices(self.expert_dtype) + bias_elems * elem,
-            float_bytes: matrices(ExpertDtype::Compute) + bias_elems * elem,
+            float_bytes: matrices(WeightDtype::Compute) + bias_elems * elem,
             expert_dtype: self.expert_dtype,
             layout: self.layout,
             hidden: h,
@@ -558,7 +558,7 @@ pub struct ExpertLayerLayout {
     /// Experts each token is routed to (the layer's per-token working set).
     pub top_k: usize,
     /// How the experts are held once loaded (`--expert-dtype`).
-    pub expert_dtype: ExpertDtype,
+    pub expert_dtype: WeightDtype,
 }
 
 /// Builds the [`ExpertSource`] of a model at load, from where each MoE layer's experts are.

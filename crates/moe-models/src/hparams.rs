@@ -20,7 +20,11 @@ pub struct LoadOptions {
     pub expert_source: Option<std::sync::Arc<dyn crate::experts::ExpertSourceFactory>>,
     /// How routed experts are stored: the compute dtype, or int8 with per-row scales
     /// (`--expert-dtype q8`: CPU and fast numerics only, refused otherwise at load).
-    pub expert_dtype: moe_kernels::ExpertDtype,
+    pub expert_dtype: moe_kernels::WeightDtype,
+    /// How the dense projections are stored (attention, dense and shared-expert MLPs, lm
+    /// head; not routers or embeddings): the compute dtype, or int8 with per-row scales
+    /// (`--dense-dtype q8`: CPU and fast numerics only, refused otherwise at load).
+    pub dense_dtype: moe_kernels::WeightDtype,
 }
 
 /// Largest context window accepted (the rotary tables cover every position up front).

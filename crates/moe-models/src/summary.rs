@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::DType;
-use moe_kernels::ExpertDtype;
+use moe_kernels::WeightDtype;
 use moe_loader::Checkpoint;
 
 use crate::decoder::FfnRecipe;
@@ -47,6 +47,9 @@ pub struct ModelSummary {
     pub compute_dtype: String,
     /// How routed experts are held: `q8` (int8, per-row f32 scales) or the compute dtype.
     pub expert_dtype: String,
+    /// How the dense projections are held (attention, dense and shared-expert MLPs, lm head):
+    /// `q8` or the compute dtype.
+    pub dense_dtype: String,
     /// Routed-expert parameters touched per token (`top_k` experts per MoE layer), part of
     /// `params_active`.
     pub params_active_routed: u64,
@@ -63,7 +66,8 @@ impl ModelSummary {
         facts: &[(&'static str, String)],
         checkpoint: &Checkpoint,
         dtype: DType,
-        expert_dtype: ExpertDtype,
+        expert_dtype: WeightDtype,
+        dense_dtype: WeightDtype,
     ) -> Self {
         let mut params_total = 0u64;
         let mut bytes_by_dtype: BTreeMap<String, u64> = BTreeMap::new();
@@ -115,6 +119,7 @@ impl ModelSummary {
             checkpoint_bytes_by_dtype: bytes_by_dtype,
             compute_dtype: format!("{dtype:?}").to_lowercase(),
             expert_dtype: expert_dtype.describe(dtype),
+            dense_dtype: dense_dtype.describe(dtype),
             params_active_routed: active_routed,
             facts: facts
                 .iter()

@@ -202,6 +202,11 @@ pub fn matmul_nt_cols_prepared<W: WeightElem, S: Sink>(
     }
     #[cfg(target_arch = "x86_64")]
     if super::gemm_avx512::use_avx512() {
+        if let Some(wb) = W::as_bf16(w).filter(|_| super::gemm_bf16dot::use_bf16_dot()) {
+            // SAFETY: AVX512-BF16 detected; operand lengths asserted above.
+            unsafe { super::gemm_bf16dot::matmul_nt_rows_bf16(x, m, k, wb, cols, sink) };
+            return;
+        }
         // SAFETY: AVX-512 F/BW detected; operand lengths asserted above.
         unsafe { super::gemm_avx512::matmul_nt_rows(x, m, k, w, cols, sink) };
         return;

@@ -1,20 +1,22 @@
 //! The few-rows (decode) case of [`super::gemm`] on CPUs with AVX-512: `x · Wᵀ` streaming each
-//! weight once, 32 weights per step, with the next tile's rows prefetched.
+//! weight once, 32 weights per step.
 //!
-//! Decode is bound by memory bandwidth, so this kernel is about reading weights as fast as the
-//! memory delivers them:
+//! Decode is bound by memory bandwidth, so these kernels are about reading weights as fast as
+//! the memory delivers them:
 //! - one 64-byte load gives 32 bf16 weights; they are widened without a shuffle, the even
 //!   elements by a shift and the odd ones by a mask ([`WeightElem::load32_split`]), so `x` is
 //!   reordered the same way once per call ([`WeightElem::split_x`]) and each step is one load,
-//!   two integer ops and two FMAs per weight row;
-//! - while a tile of `C` weight rows is read, the same offsets of the next tile's rows are
-//!   prefetched, one cache line per row per step (the hardware prefetcher alone left a fifth
-//!   of the bandwidth unused here);
-//! - all `R × C` sums stay in registers; one horizontal sum per output.
-//!
-//! Measured on the 2-core Xeon of this project's machines (bf16, k = 1024, 151,936 rows, the
-//! bench model's lm_head): 23 GB/s against 15 GB/s for the AVX2 tiles, with a plain read of
-//! the same bytes at 20–24 GB/s (`examples/gemv_speed.rs`).
+//!   two integer ops and two FMAs per row of `x` (bf16 weights on CPUs with AVX512-BF16 take
+//!   [`super::gemm_bf16dot`]'s one-instruction step instead, through the same [`tiles`] loop);
+//! - the weight rows of a tile are read one after the other, each front to back, so the
+//!   weights are one sequential stream the hardware prefetcher follows; the few rows of `x`
+//!   (L1-resident) are reread for every weight row. Reading the tile's rows side by side, one
+//!   cache line of each per step with the next tile prefetched by hand, reached about half
+//!   the bandwidth of a plain read on the 2-core AMD EPYC (Zen 4) of this project's machines;
+//!   the sequential order reaches 0.9–1.15 of it there (bf16, k = 1024, the bench model's
+//!   151,936-row lm_head, `examples/gemv_speed.rs`), and was level with the side-by-side order
+//!   on the Xeon measured before;
+//! - one horizontal sum per output.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -66,7 +68,7 @@ pub unsafe fn matmul_nt_rows<W: WeightElem, S: Sink>(
     assert!(x.len() >= m * k && w.len() >= cols.end * k);
     if !W::SPLITS_X {
         // SAFETY: forwarded from the caller; x needs no reordering for this weight type.
-        unsafe { tiles(x, m, k, w, cols, sink) };
+        unsafe { tiles::<WidenFma<W>, S>(x, m, k, w, cols, sink) };
         return;
     }
     SPLIT_X.with_borrow_mut(|xs| {
@@ -75,24 +77,49 @@ pub unsafe fn matmul_nt_rows<W: WeightElem, S: Sink>(
             W::split_x(row, out);
         }
         // SAFETY: forwarded from the caller; xs is x reordered for `W`.
-        unsafe { tiles(xs, m, k, w, cols, sink) };
+        unsafe { tiles::<WidenFma<W>, S>(xs, m, k, w, cols, sink) };
     });
 }
 
-/// The tile loop of [`matmul_nt_rows`] over `xs`, `x` in the order [`WeightElem::split_x`]
-/// gives.
+/// One register tile of a few-rows kernel: `R` rows of `x` (as the kernel stores them, `X`)
+/// times `C` rows of the weights (`W`), every dot product handed to the sink. The kernels
+/// differ in how a step of [`STEP`] weights is multiplied (widened and FMA'd, or a bf16 dot
+/// instruction); [`tiles`] walks the output in the same order for all of them.
+pub(crate) trait RowTile {
+    /// Element of `x` as the tile reads it.
+    type X;
+    /// Weight element.
+    type W;
+
+    /// Runs one `R × C` tile at `x` (row stride `k`) and `w` (row stride `k`) and puts the
+    /// results at rows `r0..r0 + R`, columns `c0..c0 + C` of `sink`; returns `C`.
+    ///
+    /// # Safety
+    /// `x..x + R*k` and `w..w + C*k` readable; the CPU has what the kernel needs.
+    unsafe fn tile<S: Sink, const R: usize, const C: usize>(
+        x: *const Self::X,
+        w: *const Self::W,
+        k: usize,
+        r0: usize,
+        c0: usize,
+        sink: &S,
+    ) -> usize;
+}
+
+/// The tile loop of the few-rows kernels over `xs` (`m` rows of `k`, in the form `T` reads).
 ///
 /// # Safety
-/// As [`matmul_nt_rows`].
+/// `xs` holds `m * k` and `w` `cols.end * k` elements; the CPU has what `T` needs.
 #[cfg(target_arch = "x86_64")]
-unsafe fn tiles<W: WeightElem, S: Sink>(
-    xs: &[f32],
+pub(crate) unsafe fn tiles<T: RowTile, S: Sink>(
+    xs: &[T::X],
     m: usize,
     k: usize,
-    w: &[W],
+    w: &[T::W],
     cols: Range<usize>,
     sink: &S,
 ) {
+    debug_assert!(xs.len() >= m * k && w.len() >= cols.end * k);
     // Columns in blocks whose weights stay in L2 while every group of rows passes over them:
     // the weights stream from memory once whatever the number of rows.
     let mut c0 = cols.start;
@@ -107,16 +134,16 @@ unsafe fn tiles<W: WeightElem, S: Sink>(
                 let xp = xs[r * k..].as_ptr();
                 let wp = w[c * k..].as_ptr();
                 // SAFETY: rows r..r+rows of x and rows c..c+n of w are in bounds (n ≤ left);
-                // AVX-512 is this function's precondition.
+                // the CPU features are this function's precondition.
                 let n = unsafe {
                     match (rows, left) {
-                        (1, 8..) => tile::<W, S, 1, 8>(xp, wp, k, r, c, sink),
-                        (2, 4..) => tile::<W, S, 2, 4>(xp, wp, k, r, c, sink),
-                        (3, 4..) => tile::<W, S, 3, 4>(xp, wp, k, r, c, sink),
-                        (1, 4..) => tile::<W, S, 1, 4>(xp, wp, k, r, c, sink),
-                        (1, _) => tile::<W, S, 1, 1>(xp, wp, k, r, c, sink),
-                        (2, _) => tile::<W, S, 2, 1>(xp, wp, k, r, c, sink),
-                        _ => tile::<W, S, 3, 1>(xp, wp, k, r, c, sink),
+                        (1, 8..) => T::tile::<S, 1, 8>(xp, wp, k, r, c, sink),
+                        (2, 4..) => T::tile::<S, 2, 4>(xp, wp, k, r, c, sink),
+                        (3, 4..) => T::tile::<S, 3, 4>(xp, wp, k, r, c, sink),
+                        (1, 4..) => T::tile::<S, 1, 4>(xp, wp, k, r, c, sink),
+                        (1, _) => T::tile::<S, 1, 1>(xp, wp, k, r, c, sink),
+                        (2, _) => T::tile::<S, 2, 1>(xp, wp, k, r, c, sink),
+                        _ => T::tile::<S, 3, 1>(xp, wp, k, r, c, sink),
                     }
                 };
                 c += n;
@@ -130,62 +157,56 @@ unsafe fn tiles<W: WeightElem, S: Sink>(
 /// Output columns per block of [`tiles`]: 64 rows of `w` (128 KiB of bf16 at k = 1024).
 const COL_BLOCK: usize = 64;
 
-/// One tile: `R` rows of the reordered `x` × `C` rows of `w`; returns `C`.
-///
-/// # Safety
-/// `x..x + R*k` and `w..w + C*k` readable; the CPU has AVX-512 F and BW.
+/// The widening tile: each step loads 32 weights, widens them to f32
+/// ([`WeightElem::load32_split`]) and FMAs them with `x` reordered by
+/// [`WeightElem::split_x`].
+struct WidenFma<W>(std::marker::PhantomData<W>);
+
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn tile<W: WeightElem, S: Sink, const R: usize, const C: usize>(
-    x: *const f32,
-    w: *const W,
-    k: usize,
-    r0: usize,
-    c0: usize,
-    sink: &S,
-) -> usize {
-    use std::arch::x86_64::*;
-    let line = 64 / std::mem::size_of::<W>();
-    let mut acc = [[_mm512_setzero_ps(); C]; R];
-    let mut p = 0;
-    // SAFETY (whole body): loads read inside rows of length k from x / w (`p + STEP <= k` in
-    // the vector loop, `q < k` in the tail). Prefetches may point past `w`'s end (the next
-    // tile may not exist): they use wrapping pointer arithmetic and never fault.
-    unsafe {
-        while p + STEP <= k {
-            let mut x0 = [_mm512_setzero_ps(); R];
-            let mut x1 = [_mm512_setzero_ps(); R];
-            for i in 0..R {
-                x0[i] = _mm512_loadu_ps(x.add(i * k + p));
-                x1[i] = _mm512_loadu_ps(x.add(i * k + p + 16));
-            }
+impl<W: WeightElem> RowTile for WidenFma<W> {
+    type X = f32;
+    type W = W;
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn tile<S: Sink, const R: usize, const C: usize>(
+        x: *const f32,
+        w: *const W,
+        k: usize,
+        r0: usize,
+        c0: usize,
+        sink: &S,
+    ) -> usize {
+        use std::arch::x86_64::*;
+        // SAFETY (whole body): loads read inside rows of length k from x / w (`p + STEP <= k`
+        // in the vector loop, `q < k` in the tail).
+        unsafe {
+            // One weight row after the other, each read front to back: a single sequential
+            // stream, which the hardware prefetcher follows (see the module notes).
             for j in 0..C {
-                let (w0, w1) = W::load32_split(w.add(j * k + p));
-                for i in 0..R {
-                    acc[i][j] = _mm512_fmadd_ps(x0[i], w0, acc[i][j]);
-                    acc[i][j] = _mm512_fmadd_ps(x1[i], w1, acc[i][j]);
+                let wr = w.add(j * k);
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                let mut p = 0;
+                while p + STEP <= k {
+                    let (w0, w1) = W::load32_split(wr.add(p));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xi = x.add(i * k + p);
+                        a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(xi), w0, a[0]);
+                        a[1] = _mm512_fmadd_ps(_mm512_loadu_ps(xi.add(16)), w1, a[1]);
+                    }
+                    p += STEP;
                 }
-                let next = w.wrapping_add((C + j) * k + p);
-                let mut off = 0;
-                while off < STEP {
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off) as *const i8);
-                    off += line;
+                for (i, a) in acc.iter().enumerate() {
+                    let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+                    // The tail of x is not reordered (split_x leaves it in place).
+                    for q in p..k {
+                        s += *x.add(i * k + q) * (*wr.add(q)).to_f32();
+                    }
+                    sink.put(r0 + i, c0 + j, s);
                 }
-            }
-            p += STEP;
-        }
-        for i in 0..R {
-            for j in 0..C {
-                let mut s = _mm512_reduce_add_ps(acc[i][j]);
-                // The tail of x is not reordered (split_x leaves it in place).
-                for q in p..k {
-                    s += *x.add(i * k + q) * (*w.add(j * k + q)).to_f32();
-                }
-                sink.put(r0 + i, c0 + j, s);
             }
         }
+        C
     }
-    C
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]

@@ -27,6 +27,7 @@ pub mod attention;
 pub mod gemm;
 pub mod gemm_amx;
 pub mod gemm_avx512;
+pub mod gemm_bf16dot;
 pub mod gemm_packed;
 pub mod moe_ffn;
 pub mod numerics;
@@ -46,5 +47,7 @@ pub use gemm::{
 pub use moe_ffn::{grouped_expert_ffn, ExpertSlices};
 pub use numerics::{numerics, set_numerics, Numerics};
 pub use shared::SharedMut;
-pub use tensors::{fast_grouped_experts, fast_grouped_experts_in_waves, fast_matmul_nt};
+pub use tensors::{
+    fast_grouped_experts, fast_grouped_experts_in_waves, fast_matmul_nt, fast_matmul_nt_q8,
+};
 pub use weights::WeightElem;

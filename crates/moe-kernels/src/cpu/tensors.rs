@@ -10,6 +10,7 @@ use moe_core::{Error, Result};
 
 use super::gemm::{matmul_nt_into, StoreSink};
 use super::moe_ffn::{grouped_expert_ffn, ExpertSlices};
+use super::q8::ScaledSink;
 use super::shared::SharedMut;
 use super::weights::WeightElem;
 use crate::expert_ffn::{ExpertActivation, ExpertWeights};
@@ -81,8 +82,49 @@ fn matmul_nt_typed<W: WeightElem + WithDType>(
     b: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let b = b.contiguous()?;
+    let (storage, layout) = b.storage_and_layout();
+    let w: &[W] = slice_of(&storage, layout)
+        .ok_or_else(|| Error::InvalidRequest("fast matmul: weights not on the CPU".into()))?;
+    matmul_nt_slice(a, w, b.dims(), None, bias)
+}
+
+/// `a · (diag(scales) · q)ᵀ (+ bias)` for int8 weights `q` `[n, k]` (the bit patterns in a
+/// `U8` CPU tensor) with one f32 scale per row: each finished dot product is scaled, then the
+/// bias is added, then the result is rounded once to `a`'s dtype.
+pub fn fast_matmul_nt_q8(
+    a: &Tensor,
+    q: &Tensor,
+    scales: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (n, _) = q.dims2()?;
+    let scales = to_f32_vec(scales)?;
+    if scales.len() != n {
+        return Err(Error::InvalidRequest(format!(
+            "int8 matmul: {} scales for {n} rows",
+            scales.len()
+        )));
+    }
+    let q = q.contiguous()?;
+    let (storage, layout) = q.storage_and_layout();
+    let bits: &[u8] = slice_of(&storage, layout).ok_or_else(|| {
+        Error::InvalidRequest("int8 matmul: weights are not U8 values on the CPU".into())
+    })?;
+    matmul_nt_slice(a, as_i8(bits), q.dims(), Some(&scales), bias)
+}
+
+/// The shared body of the fast products: `w` holds the elements of a `b_dims`-shaped weight
+/// tensor (`[n, k]`, or `[.., n, k]` with `a`'s leading dims), `scales` one factor per weight
+/// row when the weights are scaled int8.
+fn matmul_nt_slice<W: WeightElem>(
+    a: &Tensor,
+    w: &[W],
+    b_dims: &[usize],
+    scales: Option<&[f32]>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let a_dims = a.dims().to_vec();
-    let b_dims = b.dims().to_vec();
     let (ar, br) = (a_dims.len(), b_dims.len());
     if ar < 2 || br < 2 || a_dims[ar - 1] != b_dims[br - 1] {
         return Err(Error::InvalidRequest(format!(
@@ -99,12 +141,8 @@ fn matmul_nt_typed<W: WeightElem + WithDType>(
     }
     let av = to_f32_vec(a)?;
     let bias = bias.map(to_f32_vec).transpose()?;
-    let b = b.contiguous()?;
     let mut out = vec![0f32; batch * m * n];
     {
-        let (storage, layout) = b.storage_and_layout();
-        let w: &[W] = slice_of(&storage, layout)
-            .ok_or_else(|| Error::InvalidRequest("fast matmul: weights not on the CPU".into()))?;
         let shared = SharedMut::new(&mut out);
         for i in 0..batch {
             let wi = if shared_b {
@@ -113,7 +151,17 @@ fn matmul_nt_typed<W: WeightElem + WithDType>(
                 &w[i * n * k..(i + 1) * n * k]
             };
             let sink = StoreSink::new(&shared, n, i * m, bias.as_deref());
-            matmul_nt_into(&av[i * m * k..(i + 1) * m * k], m, k, wi, n, &sink);
+            let x = &av[i * m * k..(i + 1) * m * k];
+            match scales {
+                None => matmul_nt_into(x, m, k, wi, n, &sink),
+                Some(scales) => {
+                    let sink = ScaledSink {
+                        inner: &sink,
+                        scales,
+                    };
+                    matmul_nt_into(x, m, k, wi, n, &sink)
+                }
+            }
         }
     }
     let mut dims = a_dims;

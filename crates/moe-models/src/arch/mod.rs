@@ -177,5 +177,6 @@ pub(crate) fn standard_attention(
         sinks: false,
         sliding_window: None,
         latent: None,
+        dense_dtype: moe_kernels::WeightDtype::Compute,
     }
 }

@@ -8,7 +8,7 @@ use moe_kernels::cpu::pool::map_each_mut;
 use moe_kernels::cpu::{
     fast_attention_applies, fast_causal_attention, numerics, CausalMask, Numerics,
 };
-use moe_kernels::{matmul_nn, matmul_nt, softmax_last_dim, SumOrder};
+use moe_kernels::{matmul_nn, matmul_nt, softmax_last_dim, SumOrder, WeightDtype};
 use moe_loader::TensorLookup;
 
 use crate::blocks::linear::Linear;
@@ -59,6 +59,9 @@ pub struct AttentionConfig {
     /// [`LatentAttention`](crate::blocks::mla::LatentAttention) of this shape, `head_dim` is
     /// the query/key head size and `qkv_bias` the bias of the two down-projections.
     pub latent: Option<crate::blocks::mla::LatentConfig>,
+    /// How the projection matrices are held (`--dense-dtype`; the decoder sets it from its
+    /// load options).
+    pub dense_dtype: WeightDtype,
 }
 
 /// One sequence's slice of a packed batch during a forward pass.
@@ -106,10 +109,14 @@ impl Attention {
             }
         };
         Ok(Self {
-            q_proj: Linear::load(lookup, "q_proj", c.hidden_size, q_out, c.qkv_bias)?,
-            k_proj: Linear::load(lookup, "k_proj", c.hidden_size, kv_out, c.qkv_bias)?,
-            v_proj: Linear::load(lookup, "v_proj", c.hidden_size, kv_out, c.qkv_bias)?,
-            o_proj: Linear::load(lookup, "o_proj", q_out, c.hidden_size, c.o_bias)?,
+            q_proj: Linear::load(lookup, "q_proj", c.hidden_size, q_out, c.qkv_bias)?
+                .stored_as(c.dense_dtype)?,
+            k_proj: Linear::load(lookup, "k_proj", c.hidden_size, kv_out, c.qkv_bias)?
+                .stored_as(c.dense_dtype)?,
+            v_proj: Linear::load(lookup, "v_proj", c.hidden_size, kv_out, c.qkv_bias)?
+                .stored_as(c.dense_dtype)?,
+            o_proj: Linear::load(lookup, "o_proj", q_out, c.hidden_size, c.o_bias)?
+                .stored_as(c.dense_dtype)?,
             q_norm: norm("q_norm", q_norm_size)?,
             k_norm: norm("k_norm", k_norm_size)?,
             sinks: if c.sinks {

@@ -1,15 +1,24 @@
-//! A dense projection `x · Wᵀ (+ b)` with HF's `[out, in]` weight layout.
+//! A dense projection `x · Wᵀ (+ b)` with HF's `[out, in]` weight layout, its matrix in the
+//! compute dtype or, with `--dense-dtype q8`, in int8 with per-row scales ([`Q8Dense`]).
 
 use candle_core::Tensor;
-use moe_core::Result;
-use moe_kernels::{matmul_nt, SumOrder};
+use moe_core::{Error, Result};
+use moe_kernels::{matmul_nt, Q8Dense, SumOrder, WeightDtype};
 use moe_loader::TensorLookup;
+
+/// How a [`Linear`] holds its matrix.
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// `[out, in]` in the compute dtype.
+    Float(Tensor),
+    /// `[out, in]` int8 with per-row scales.
+    Int8(Q8Dense),
+}
 
 /// A linear layer.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`
-    weight: Tensor,
+    weight: LinearWeight,
     /// `[out]`
     bias: Option<Tensor>,
 }
@@ -29,22 +38,63 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight: LinearWeight::Float(weight),
+            bias,
+        })
     }
 
     /// Wraps an existing matrix (tied embeddings).
     pub fn from_weight(weight: Tensor) -> Self {
-        Self { weight, bias: None }
+        Self {
+            weight: LinearWeight::Float(weight),
+            bias: None,
+        }
+    }
+
+    /// The layer with its matrix held as `dtype` says: quantized to int8 for
+    /// [`WeightDtype::Q8`] (a float matrix shared with another tensor, such as tied
+    /// embeddings, is copied into the int8 form; the original stays), unchanged otherwise.
+    pub fn stored_as(self, dtype: WeightDtype) -> Result<Self> {
+        match (dtype, &self.weight) {
+            (WeightDtype::Q8, LinearWeight::Float(w)) => Ok(Self {
+                weight: LinearWeight::Int8(Q8Dense::quantize(w)?),
+                bias: self.bias,
+            }),
+            _ => Ok(self),
+        }
     }
 
     /// Applies the projection to `x` (`[n, in]` → `[n, out]`). In bf16 on the CPU the bias is
     /// added before the single rounding, as torch's `addmm` does.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_nt(x, &self.weight, self.bias.as_ref(), SumOrder::Blocked)
+        match &self.weight {
+            LinearWeight::Float(w) => matmul_nt(x, w, self.bias.as_ref(), SumOrder::Blocked),
+            LinearWeight::Int8(q) => q.forward(x, self.bias.as_ref()),
+        }
     }
 
-    /// The weight matrix.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The float weight matrix; an error for an int8 layer (only layers that are never
+    /// quantized, such as routers, ask for it).
+    pub fn weight(&self) -> Result<&Tensor> {
+        match &self.weight {
+            LinearWeight::Float(w) => Ok(w),
+            LinearWeight::Int8(_) => Err(Error::InvalidRequest(
+                "an int8 projection has no float weight matrix".into(),
+            )),
+        }
+    }
+
+    /// Bytes of the matrix and bias as held.
+    pub fn n_bytes(&self) -> usize {
+        let matrix = match &self.weight {
+            LinearWeight::Float(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Int8(q) => q.n_bytes(),
+        };
+        matrix
+            + self
+                .bias
+                .as_ref()
+                .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
 }

@@ -108,15 +108,15 @@ impl LatentAttention {
                 config.head_dim, config.n_kv_heads
             )));
         }
-        let bias = config.qkv_bias;
+        let (bias, dense) = (config.qkv_bias, config.dense_dtype);
         let q = match l.q_lora_rank {
-            None => {
-                QueryProjection::Direct(Linear::load(lookup, "q_proj", h, n_heads * qk, false)?)
-            }
+            None => QueryProjection::Direct(
+                Linear::load(lookup, "q_proj", h, n_heads * qk, false)?.stored_as(dense)?,
+            ),
             Some(rank) => QueryProjection::LowRank {
-                a: Linear::load(lookup, "q_a_proj", h, rank, bias)?,
+                a: Linear::load(lookup, "q_a_proj", h, rank, bias)?.stored_as(dense)?,
                 norm: RmsNorm::load(lookup, "q_a_layernorm", rank, LATENT_NORM_EPS)?,
-                b: Linear::load(lookup, "q_b_proj", rank, n_heads * qk, false)?,
+                b: Linear::load(lookup, "q_b_proj", rank, n_heads * qk, false)?.stored_as(dense)?,
             },
         };
         Ok(Self {
@@ -127,7 +127,8 @@ impl LatentAttention {
                 h,
                 l.kv_lora_rank + l.qk_rope_head_dim,
                 bias,
-            )?,
+            )?
+            .stored_as(dense)?,
             kv_norm: RmsNorm::load(lookup, "kv_a_layernorm", l.kv_lora_rank, LATENT_NORM_EPS)?,
             kv_b: Linear::load(
                 lookup,
@@ -135,8 +136,10 @@ impl LatentAttention {
                 l.kv_lora_rank,
                 n_heads * (l.qk_nope_head_dim + l.v_head_dim),
                 false,
-            )?,
-            o_proj: Linear::load(lookup, "o_proj", n_heads * l.v_head_dim, h, config.o_bias)?,
+            )?
+            .stored_as(dense)?,
+            o_proj: Linear::load(lookup, "o_proj", n_heads * l.v_head_dim, h, config.o_bias)?
+                .stored_as(dense)?,
             f32_rope: f32_rope.filter(|_| latent.rotates_in_f32()).cloned(),
             latent,
             config,

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 use moe_core::Result;
-use moe_kernels::{expert_ffn, ExpertActivation, ExpertWeights};
+use moe_kernels::{expert_ffn, ExpertActivation, ExpertWeights, WeightDtype};
 use moe_loader::TensorLookup;
 
 use crate::experts::ExpertNames;
@@ -23,6 +23,13 @@ impl GatedMlp {
     ) -> Result<Self> {
         Ok(Self {
             weights: names.load(lookup, hidden, intermediate)?,
+        })
+    }
+
+    /// The MLP with its matrices held as `dtype` says (int8 for [`WeightDtype::Q8`]).
+    pub fn stored_as(self, dtype: WeightDtype) -> Result<Self> {
+        Ok(Self {
+            weights: dtype.apply(self.weights)?,
         })
     }
 
