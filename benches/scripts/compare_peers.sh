@@ -7,7 +7,9 @@
 #
 # MODEL_DIR defaults to $BENCH_MODEL_DIR, else bench-models/qwen3-moe-bench (built by
 # make_bench_model.sh when missing). Environment:
-#   OURS_DTYPES    moe-infer compute dtypes, comma list (default bf16)
+#   OURS_DTYPES    moe-infer runs, comma list of compute dtypes (default bf16); `q8` is bf16
+#                  compute with int8 routed experts and dense projections
+#                  (--expert-dtype q8 --dense-dtype q8), compared with llama.cpp's Q8_0
 #   LLAMA_TYPES    GGUF types for llama.cpp (default bf16,f16,q8_0)
 #   TRANSFORMERS   transformers dtype (bfloat16 or float32), empty to skip (default bfloat16)
 #   THREADS        threads of every engine (default 2)
@@ -35,7 +37,12 @@ load() { cut -d' ' -f1-3 /proc/loadavg; }
 for d in ${ours_dtypes//,/ }; do
   echo "moe-infer $d ... (load $(load))" >&2
   echo "$(load)" > "$out/load-ours-$d.txt"
-  "$bin" bench --model "$model" --dtype "$d" --threads "$threads" --reps "$reps" \
+  if [[ "$d" == q8 ]]; then
+    precision=(--dtype bf16 --expert-dtype q8 --dense-dtype q8)
+  else
+    precision=(--dtype "$d")
+  fi
+  "$bin" bench --model "$model" "${precision[@]}" --threads "$threads" --reps "$reps" \
     --prefill 128,512 --concurrency 1,4,16 --decode-tokens 32 --decode-prompt 16 \
     ${BANDWIDTH_GB_S:+--bandwidth-gb-s "$BANDWIDTH_GB_S"} \
     --json --plot "$out/ours-$d.svg" > "$out/ours-$d.json"

@@ -10,7 +10,9 @@ d = sys.argv[1]
 ours = {}
 for f in sorted(glob.glob(os.path.join(d, "ours-*.json"))):
     r = json.load(open(f))
-    ours[r["dtype"]] = r
+    # int8 experts and dense projections (compare_peers.sh's `q8` run) are named q8
+    q8 = r.get("expert_dtype") == "q8" and r.get("dense_dtype") == "q8"
+    ours["q8" if q8 else r["dtype"]] = r
 llama = {}
 if os.path.exists(os.path.join(d, "llama.jsonl")):
     for line in open(os.path.join(d, "llama.jsonl")):
@@ -52,12 +54,20 @@ cols = [(f"moe-infer {k}", ours_row(v)) for k, v in ours.items()]
 cols += [(f"llama.cpp {k.upper()}", llama_row(v)) for k, v in llama.items()]
 if tf:
     cols.append((f"transformers {tf.get('dtype', 'float32')}", tf_row(tf)))
-ref = cols[0] if ours else None
-ratio_cols = [c for c in cols[1:] if ref and not c[0].startswith("moe-infer")]
+# Ratios: each moe-infer run against the peers at its precision (bf16 vs BF16, q8 vs Q8_0),
+# and the first moe-infer run against transformers.
+same = {"bf16": "BF16", "f16": "F16", "f32": "F32", "q8": "Q8_0"}
+pairs = []
+for i, (k, r) in enumerate(ours.items()):
+    mine = cols[i]
+    for c in cols[len(ours):]:
+        peer_type = c[0].split(" ", 1)[1]
+        if peer_type == same.get(k) or (i == 0 and c[0].startswith("transformers")):
+            pairs.append((mine, c))
 rows = ["prefill 128 tok/s", "prefill 512 tok/s", "TTFT 128 s", "decode 1 seq tok/s",
         "decode 4 seqs aggregate tok/s", "decode 16 seqs aggregate tok/s", "llama-bench tg64 tok/s"]
 fmt = lambda v: "–" if v is None else (f"{v:.3f}" if v < 1 else f"{v:.1f}" if v < 100 else f"{v:.0f}")
-head = ["", *[c[0] for c in cols], *[f"{ref[0]} ÷ {c[0]}" for c in ratio_cols]]
+head = ["", *[c[0] for c in cols], *[f"{a[0]} ÷ {b[0]}" for a, b in pairs]]
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))
 for row in rows:
@@ -65,8 +75,8 @@ for row in rows:
     if all(v is None for v in vals):
         continue
     ratios = []
-    for c in ratio_cols:
-        a, b = ref[1].get(row), c[1].get(row)
+    for mine, c in pairs:
+        a, b = mine[1].get(row), c[1].get(row)
         if a and b:
             ratios.append(f"{(b / a if row.startswith('TTFT') else a / b):.2f}×")
         else:

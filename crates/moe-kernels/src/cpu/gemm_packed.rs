@@ -7,9 +7,10 @@
 //! widening cost is paid once per 16 columns instead of once per 3 rows, and no horizontal sums
 //! are needed. With AVX-512, 32-column panels feed an 8×32 microkernel (two 512-bit panel
 //! loads, 8 broadcasts and 16 FMAs per step), `x` is packed into 8-row blocks and a group of
-//! panels is widened at once so each block of `x` stays in cache across them. This project's
-//! Xeons issue two 512-bit FMAs a cycle (twice the AVX2 kernel's multiply-adds); their
-//! `vdpbf16ps` issues at a quarter of that, so bf16 dot products would not pay. Used by
+//! panels is widened at once so each block of `x` stays in cache across them. The Xeons
+//! measured first issue two 512-bit FMAs a cycle (twice the AVX2 kernel's multiply-adds) and
+//! their `vdpbf16ps` at a quarter of that; on CPUs where it issues as fast as an FMA (Zen 4)
+//! bf16 weights take [`super::gemm_bf16dot`]'s packed kernel instead. Used by
 //! [`super::gemm::matmul_nt_cols`] when `x` has at least [`PACKED_MIN_ROWS`] rows
 //! ([`PACKED_MIN_ROWS_AVX512`] with AVX-512) and the CPU has AVX2/FMA.
 
@@ -49,6 +50,13 @@ pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
     sink: &S,
 ) {
     assert!(x.len() >= m * k && w.len() >= cols.end * k);
+    if let Some(wb) =
+        W::as_bf16(w).filter(|_| k.is_multiple_of(2) && super::gemm_bf16dot::use_bf16_dot())
+    {
+        // SAFETY: AVX512-BF16 detected, k even; operand lengths asserted above.
+        unsafe { super::gemm_bf16dot::matmul_nt_packed_bf16(x, m, k, wb, cols, sink) };
+        return;
+    }
     if super::gemm_avx512::use_avx512() {
         // SAFETY: AVX-512 detected (AVX2 is this function's precondition).
         unsafe { matmul_nt_packed_avx512(x, m, k, w, cols, sink) };
