@@ -137,6 +137,8 @@ pub struct PreparedRows<'a> {
     k: usize,
     /// `x` packed for [`super::gemm_amx`], made by the first AMX product.
     amx: OnceLock<Vec<u32>>,
+    /// `x` packed as bf16 pairs for [`super::gemm_bf16dot::matmul_nt_packed_bf16`].
+    bf16_pairs: OnceLock<Vec<u32>>,
 }
 
 impl<'a> PreparedRows<'a> {
@@ -148,7 +150,18 @@ impl<'a> PreparedRows<'a> {
             m,
             k,
             amx: OnceLock::new(),
+            bf16_pairs: OnceLock::new(),
         }
+    }
+
+    /// `x` packed as bf16 pairs ([`super::gemm_bf16dot::pack_x_pairs`]).
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_pairs(&self) -> &[u32] {
+        self.bf16_pairs.get_or_init(|| {
+            let mut packed = Vec::new();
+            super::gemm_bf16dot::pack_x_pairs(self.x, self.m, self.k, &mut packed);
+            packed
+        })
     }
 
     /// `x` packed as the AMX tiles' B operand ([`super::gemm_amx::pack_x`]).
@@ -194,6 +207,17 @@ pub fn matmul_nt_cols_prepared<W: WeightElem, S: Sink>(
     } else {
         super::gemm_packed::PACKED_MIN_ROWS
     };
+    #[cfg(target_arch = "x86_64")]
+    if m >= packed_from && k.is_multiple_of(2) && super::gemm_bf16dot::use_bf16_dot() {
+        if let Some(wb) = W::as_bf16(w) {
+            // SAFETY: AVX512-BF16 detected, k even; the packed rows and w's rows up to
+            // cols.end (asserted above) are in bounds.
+            unsafe {
+                super::gemm_bf16dot::matmul_nt_packed_bf16(rows.bf16_pairs(), m, k, wb, cols, sink)
+            };
+            return;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() && m >= packed_from {
         // SAFETY: AVX2/FMA detected; operand lengths asserted above.

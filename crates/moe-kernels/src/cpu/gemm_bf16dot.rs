@@ -93,29 +93,29 @@ const NR: usize = 32;
 const PANEL_GROUP_BYTES: usize = 1 << 19;
 
 thread_local! {
-    /// Per-thread buffers of the packed kernel: `x` packed and the panels.
-    static PACKED: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread buffer of the packed kernel's panels.
+    static PANELS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `sink ← x · W[cols]ᵀ` for `x` `[m, k]` with many rows and bf16 weights, `k` even.
+/// `sink ← x · W[cols]ᵀ` for `x` `[m, k]` with many rows and bf16 weights, `k` even; `x_blocks`
+/// is `x` packed by [`pack_x_pairs`].
 ///
 /// # Safety
-/// [`use_bf16_dot`] must have returned true; `k` must be even; `x` must hold `m * k` and `w`
-/// `cols.end * k` elements.
+/// [`use_bf16_dot`] must have returned true; `k` must be even; `w` must hold `cols.end * k`
+/// elements.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn matmul_nt_packed_bf16(
-    x: &[f32],
+    x_blocks: &[u32],
     m: usize,
     k: usize,
     w: &[bf16],
     cols: Range<usize>,
     sink: &impl Sink,
 ) {
-    assert!(k % 2 == 0 && x.len() >= m * k && w.len() >= cols.end * k);
     let kp = k / 2;
+    assert!(k % 2 == 0 && x_blocks.len() >= m.div_ceil(MR) * kp * MR && w.len() >= cols.end * k);
     let group = (PANEL_GROUP_BYTES / (kp * NR * 4)).max(1);
-    PACKED.with_borrow_mut(|(x_blocks, panels)| {
-        pack_x_pairs(x, m, k, x_blocks);
+    PANELS.with_borrow_mut(|panels| {
         panels.resize(group * kp * NR, 0);
         let mut c0 = cols.start;
         while c0 < cols.end {
@@ -168,20 +168,66 @@ fn pair(lo: bf16, hi: bf16) -> u32 {
     lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
 }
 
-/// `x` rounded to bf16 in blocks of 8 rows, each laid out `[k/2][8]` pairs (the last block
-/// padded with zeros). Writes into `out` (resized).
-fn pack_x_pairs(x: &[f32], m: usize, k: usize, out: &mut Vec<u32>) {
+/// `x` (`[m, k]`, `k` even) rounded to bf16 in blocks of 8 rows, each laid out `[k/2][8]`
+/// pairs (the last block padded with zeros). Writes into `out` (resized).
+pub(crate) fn pack_x_pairs(x: &[f32], m: usize, k: usize, out: &mut Vec<u32>) {
     let kp = k / 2;
     out.clear();
     out.resize(m.div_ceil(MR) * kp * MR, 0);
+    let mut row_pairs = Vec::with_capacity(kp);
     for (b, block) in out.chunks_exact_mut(kp * MR).enumerate() {
         for i in 0..MR.min(m - b * MR) {
-            let row = &x[(b * MR + i) * k..][..k];
-            for (p, two) in row.chunks_exact(2).enumerate() {
-                block[p * MR + i] = pair(bf16::from_f32(two[0]), bf16::from_f32(two[1]));
+            round_to_pairs(&x[(b * MR + i) * k..][..k], &mut row_pairs);
+            for (p, &two) in row_pairs.iter().enumerate() {
+                block[p * MR + i] = two;
             }
         }
     }
+}
+
+/// One row rounded to bf16 (nearest even) as pairs, 32 values per instruction where the CPU
+/// converts in hardware.
+fn round_to_pairs(row: &[f32], out: &mut Vec<u32>) {
+    out.clear();
+    #[cfg(target_arch = "x86_64")]
+    if use_bf16_dot() {
+        // SAFETY: AVX512-BF16 detected.
+        unsafe { round_to_pairs_avx512(row, out) };
+        return;
+    }
+    out.extend(
+        row.chunks_exact(2)
+            .map(|two| pair(bf16::from_f32(two[0]), bf16::from_f32(two[1]))),
+    );
+}
+
+/// [`round_to_pairs`] with `vcvtne2ps2bf16`.
+///
+/// # Safety
+/// The CPU has AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_to_pairs_avx512(row: &[f32], out: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    let blocks = row.len() / 32 * 32;
+    out.resize(blocks / 2, 0);
+    for (src, dst) in row[..blocks].chunks_exact(32).zip(out.chunks_exact_mut(16)) {
+        // SAFETY: 32 readable floats at src, 16 writable u32 at dst; __m512bh is 64 bytes.
+        unsafe {
+            let lo = _mm512_loadu_ps(src.as_ptr());
+            let hi = _mm512_loadu_ps(src.as_ptr().add(16));
+            let packed = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_si512(
+                dst.as_mut_ptr() as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(packed),
+            );
+        }
+    }
+    out.extend(
+        row[blocks..]
+            .chunks_exact(2)
+            .map(|two| pair(half::bf16::from_f32(two[0]), half::bf16::from_f32(two[1]))),
+    );
 }
 
 /// Weight rows `c0..c0 + nc` as `[k/2][32]` pairs (missing columns zero).
@@ -341,6 +387,34 @@ mod tests {
         }
     }
 
+    /// The hardware rounding of [`round_to_pairs`] is half's nearest-even rounding, on a row
+    /// longer than a block of 32 with a tail, values of every magnitude and exact ties.
+    #[test]
+    fn rounding_to_pairs_is_nearest_even() {
+        let mut seed = 7u64;
+        let mut row: Vec<f32> = (0..70)
+            .map(|i| lcg(&mut seed) * 10f32.powi(i % 7 - 3))
+            .collect();
+        // ties: 1 + 2^-8 rounds to 1 (even), 1 + 3 * 2^-8 to 1 + 2^-6
+        row[3] = 1.0 + 1.0 / 256.0;
+        row[4] = 1.0 + 3.0 / 256.0;
+        let mut out = Vec::new();
+        round_to_pairs(&row, &mut out);
+        assert_eq!(out.len(), 35);
+        for (p, &two) in out.iter().enumerate() {
+            assert_eq!(
+                two & 0xffff,
+                bf16::from_f32(row[2 * p]).to_bits() as u32,
+                "{p}"
+            );
+            assert_eq!(
+                two >> 16,
+                bf16::from_f32(row[2 * p + 1]).to_bits() as u32,
+                "{p}"
+            );
+        }
+    }
+
     /// The packed bf16 dot kernel against the AVX2 tiles on bf16-exact `x`, on shapes off the
     /// 8-row block, the 32-column panel and the panel group.
     #[test]
@@ -358,9 +432,18 @@ mod tests {
             let (mut a, mut b) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
             let (sa, sb) = (SharedMut::new(&mut a), SharedMut::new(&mut b));
             let cols = 1..n;
+            let mut packed = Vec::new();
+            pack_x_pairs(&x, m, k, &mut packed);
             // SAFETY: the kernel is available (checked above); k is even; sizes match.
             unsafe {
-                matmul_nt_packed_bf16(&x, m, k, &w, cols.clone(), &StoreSink::new(&sa, n, 0, None))
+                matmul_nt_packed_bf16(
+                    &packed,
+                    m,
+                    k,
+                    &w,
+                    cols.clone(),
+                    &StoreSink::new(&sa, n, 0, None),
+                )
             };
             matmul_nt_cols_avx2(&x, m, k, &w, cols, &StoreSink::new(&sb, n, 0, None));
             drop((sa, sb));

@@ -50,13 +50,6 @@ pub unsafe fn matmul_nt_packed<W: WeightElem, S: Sink>(
     sink: &S,
 ) {
     assert!(x.len() >= m * k && w.len() >= cols.end * k);
-    if let Some(wb) =
-        W::as_bf16(w).filter(|_| k.is_multiple_of(2) && super::gemm_bf16dot::use_bf16_dot())
-    {
-        // SAFETY: AVX512-BF16 detected, k even; operand lengths asserted above.
-        unsafe { super::gemm_bf16dot::matmul_nt_packed_bf16(x, m, k, wb, cols, sink) };
-        return;
-    }
     if super::gemm_avx512::use_avx512() {
         // SAFETY: AVX-512 detected (AVX2 is this function's precondition).
         unsafe { matmul_nt_packed_avx512(x, m, k, w, cols, sink) };
