@@ -146,13 +146,8 @@ pub unsafe fn matmul_nt_packed_bf16(
                             _ => micro::<8>(xp, kp, panel.as_ptr()),
                         }
                     };
-                    for (i, row) in out.iter().take(rows).enumerate() {
-                        for (j, &v) in row.iter().take(nc).enumerate() {
-                            // SAFETY: the calling task owns these columns; each (row, col)
-                            // is put once.
-                            unsafe { sink.put(r0 + i, start + j, v) };
-                        }
-                    }
+                    // SAFETY: the calling task owns these columns; each (row, col) is put once.
+                    unsafe { super::gemm_packed::emit(&out, rows, nc, r0, start, sink) };
                 }
                 r0 += rows;
             }

@@ -256,7 +256,7 @@ unsafe fn block_panel_avx512<S: Sink>(
 /// # Safety
 /// The [`Sink`] contract: the calling task owns these output columns and emits each
 /// `(row, col)` once.
-unsafe fn emit<S: Sink, const N: usize>(
+pub(super) unsafe fn emit<S: Sink, const N: usize>(
     out: &[[f32; N]],
     rows: usize,
     nc: usize,
