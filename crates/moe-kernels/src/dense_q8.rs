@@ -97,7 +97,10 @@ mod tests {
                 .unwrap();
             let got = q.forward(&x, Some(&bias)).unwrap();
             let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{rows} rows");
+            // On CPUs with AVX512-VNNI the rows of x are rounded to int16 first (gemm_vnni):
+            // each element moves by at most max|x_row| / 65534 (3 / 65534 here), times
+            // Σ|w_row| (about 40) in the worst case.
+            assert!(diff.to_scalar::<f32>().unwrap() < 2e-3, "{rows} rows");
             let xb = x.to_dtype(DType::BF16).unwrap();
             let got = q.forward(&xb, None).unwrap();
             assert_eq!(got.dtype(), DType::BF16);

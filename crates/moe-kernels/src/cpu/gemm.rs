@@ -115,15 +115,16 @@ pub fn matmul_nt_into<W: WeightElem, S: Sink>(
     if m == 0 || n == 0 {
         return;
     }
+    let rows = PreparedRows::new(x, m, k);
     if n * k < PARALLEL_MIN_WEIGHTS {
-        matmul_nt_cols(x, m, k, w, 0..n, sink);
+        matmul_nt_cols_prepared(&rows, w, 0..n, sink);
         return;
     }
     // Multiples of 16 columns: the AMX tiles' width (and four of the AVX2 tiles).
     let chunk = pool::chunk_size(n, 16, 16, 4);
     pool::for_each_task(n.div_ceil(chunk), |t| {
         let cols = t * chunk..((t + 1) * chunk).min(n);
-        matmul_nt_cols(x, m, k, w, cols, sink);
+        matmul_nt_cols_prepared(&rows, w, cols, sink);
     });
 }
 
@@ -139,6 +140,8 @@ pub struct PreparedRows<'a> {
     amx: OnceLock<Vec<u32>>,
     /// `x` packed as bf16 pairs for [`super::gemm_bf16dot::matmul_nt_packed_bf16`].
     bf16_pairs: OnceLock<Vec<u32>>,
+    /// `x` quantized to int16 for [`super::gemm_vnni::matmul_nt_rows_i8`].
+    int16: OnceLock<super::gemm_vnni::QuantizedRows>,
 }
 
 impl<'a> PreparedRows<'a> {
@@ -151,7 +154,14 @@ impl<'a> PreparedRows<'a> {
             k,
             amx: OnceLock::new(),
             bf16_pairs: OnceLock::new(),
+            int16: OnceLock::new(),
         }
+    }
+
+    /// `x` quantized to int16 per row ([`super::gemm_vnni::quantize_rows`]).
+    fn int16(&self) -> &super::gemm_vnni::QuantizedRows {
+        self.int16
+            .get_or_init(|| super::gemm_vnni::quantize_rows(self.x, self.m, self.k))
     }
 
     /// `x` packed as bf16 pairs ([`super::gemm_bf16dot::pack_x_pairs`]).
@@ -229,6 +239,12 @@ pub fn matmul_nt_cols_prepared<W: WeightElem, S: Sink>(
         if let Some(wb) = W::as_bf16(w).filter(|_| super::gemm_bf16dot::use_bf16_dot()) {
             // SAFETY: AVX512-BF16 detected; operand lengths asserted above.
             unsafe { super::gemm_bf16dot::matmul_nt_rows_bf16(x, m, k, wb, cols, sink) };
+            return;
+        }
+        if let Some(wi) = W::as_i8(w).filter(|_| super::gemm_vnni::use_vnni()) {
+            // SAFETY: AVX512-VNNI detected; the quantized rows and w's rows up to cols.end
+            // (asserted above) are in bounds.
+            unsafe { super::gemm_vnni::matmul_nt_rows_i8(rows.int16(), m, k, wi, cols, sink) };
             return;
         }
         // SAFETY: AVX-512 F/BW detected; operand lengths asserted above.

@@ -92,7 +92,7 @@ pub(crate) trait RowTile {
     type W;
 
     /// Runs one `R × C` tile at `x` (row stride `k`) and `w` (row stride `k`) and puts the
-    /// results at rows `r0..r0 + R`, columns `c0..c0 + C` of `sink`; returns `C`.
+    /// results at rows `r0..r0 + R`, columns `c0..c0 + C` of `sink`.
     ///
     /// # Safety
     /// `x..x + R*k` and `w..w + C*k` readable; the CPU has what the kernel needs.
@@ -103,7 +103,7 @@ pub(crate) trait RowTile {
         r0: usize,
         c0: usize,
         sink: &S,
-    ) -> usize;
+    );
 }
 
 /// The tile loop of the few-rows kernels over `xs` (`m` rows of `k`, in the form `T` reads).
@@ -127,23 +127,35 @@ pub(crate) unsafe fn tiles<T: RowTile, S: Sink>(
         let c1 = (c0 + COL_BLOCK).min(cols.end);
         let mut r = 0;
         while r < m {
-            let rows = (m - r).min(3);
+            // Groups of rows as even as possible, at most MAX_TILE_ROWS each (16 rows: 8 + 8,
+            // not 8 + 8 in one and a lone row in another).
+            let groups_left = (m - r).div_ceil(MAX_TILE_ROWS);
+            let rows = (m - r).div_ceil(groups_left);
             let mut c = c0;
             while c < c1 {
-                let left = c1 - c;
+                let n = if c1 - c >= 4 { 4 } else { 1 };
                 let xp = xs[r * k..].as_ptr();
                 let wp = w[c * k..].as_ptr();
-                // SAFETY: rows r..r+rows of x and rows c..c+n of w are in bounds (n ≤ left);
+                // SAFETY: rows r..r+rows of x and rows c..c+n of w are in bounds (n ≤ c1 - c);
                 // the CPU features are this function's precondition.
-                let n = unsafe {
-                    match (rows, left) {
-                        (1, 8..) => T::tile::<S, 1, 8>(xp, wp, k, r, c, sink),
-                        (2, 4..) => T::tile::<S, 2, 4>(xp, wp, k, r, c, sink),
-                        (3, 4..) => T::tile::<S, 3, 4>(xp, wp, k, r, c, sink),
-                        (1, 4..) => T::tile::<S, 1, 4>(xp, wp, k, r, c, sink),
+                unsafe {
+                    match (rows, n) {
+                        (1, 4) => T::tile::<S, 1, 4>(xp, wp, k, r, c, sink),
+                        (2, 4) => T::tile::<S, 2, 4>(xp, wp, k, r, c, sink),
+                        (3, 4) => T::tile::<S, 3, 4>(xp, wp, k, r, c, sink),
+                        (4, 4) => T::tile::<S, 4, 4>(xp, wp, k, r, c, sink),
+                        (5, 4) => T::tile::<S, 5, 4>(xp, wp, k, r, c, sink),
+                        (6, 4) => T::tile::<S, 6, 4>(xp, wp, k, r, c, sink),
+                        (7, 4) => T::tile::<S, 7, 4>(xp, wp, k, r, c, sink),
+                        (8, 4) => T::tile::<S, 8, 4>(xp, wp, k, r, c, sink),
                         (1, _) => T::tile::<S, 1, 1>(xp, wp, k, r, c, sink),
                         (2, _) => T::tile::<S, 2, 1>(xp, wp, k, r, c, sink),
-                        _ => T::tile::<S, 3, 1>(xp, wp, k, r, c, sink),
+                        (3, _) => T::tile::<S, 3, 1>(xp, wp, k, r, c, sink),
+                        (4, _) => T::tile::<S, 4, 1>(xp, wp, k, r, c, sink),
+                        (5, _) => T::tile::<S, 5, 1>(xp, wp, k, r, c, sink),
+                        (6, _) => T::tile::<S, 6, 1>(xp, wp, k, r, c, sink),
+                        (7, _) => T::tile::<S, 7, 1>(xp, wp, k, r, c, sink),
+                        _ => T::tile::<S, 8, 1>(xp, wp, k, r, c, sink),
                     }
                 };
                 c += n;
@@ -153,6 +165,12 @@ pub(crate) unsafe fn tiles<T: RowTile, S: Sink>(
         c0 = c1;
     }
 }
+
+/// Most rows of `x` a tile multiplies each loaded weight step with. The widening tile spends
+/// two integer ops per step on the weights whatever the rows, on the same ports as the FMAs
+/// (two per row): 3 rows left a quarter of those slots to the widening, 8 leave a ninth. With
+/// two chains per row, 8 rows keep 16 accumulators and 32 KiB of f32 `x` (L1) in play.
+const MAX_TILE_ROWS: usize = 8;
 
 /// Output columns per block of [`tiles`]: 64 rows of `w` (128 KiB of bf16 at k = 1024).
 const COL_BLOCK: usize = 64;
@@ -175,7 +193,7 @@ impl<W: WeightElem> RowTile for WidenFma<W> {
         r0: usize,
         c0: usize,
         sink: &S,
-    ) -> usize {
+    ) {
         use std::arch::x86_64::*;
         // SAFETY (whole body): loads read inside rows of length k from x / w (`p + STEP <= k`
         // in the vector loop, `q < k` in the tail).
@@ -205,7 +223,6 @@ impl<W: WeightElem> RowTile for WidenFma<W> {
                 }
             }
         }
-        C
     }
 }
 

@@ -47,13 +47,75 @@ pub fn use_bf16_dot() -> bool {
             return false;
         }
         if std::env::var_os("MOE_INFER_NO_BF16_DOT").is_some_and(|v| v != "0") {
-            eprintln!(
-                "moe-kernels: MOE_INFER_NO_BF16_DOT is set; bf16 decode projections widen to f32"
-            );
+            eprintln!("moe-kernels: MOE_INFER_NO_BF16_DOT is set; bf16 projections widen to f32");
             return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: AVX-512 F and AVX512-BF16 detected above.
+            let cost = unsafe { dot_cost_over_fma() };
+            if cost > MAX_DOT_COST_OVER_FMA {
+                eprintln!(
+                    "moe-kernels: vdpbf16ps costs {cost:.2} FMAs here (it pays below \
+                     {MAX_DOT_COST_OVER_FMA}); bf16 projections widen to f32"
+                );
+                return false;
+            }
         }
         true
     })
+}
+
+/// The most a `vdpbf16ps` may cost, in FMAs issued in the same time, for the dot kernels to
+/// run: one does the multiply-adds of two FMAs (32 against 16) and needs no widening, so it
+/// wins below 2 (Zen 4: about 1); 1.5 keeps a margin for the probe's noise. The Xeons
+/// measured before issue it at a quarter of their FMA rate (cost about 4).
+const MAX_DOT_COST_OVER_FMA: f64 = 1.5;
+
+/// Time per `vdpbf16ps` over time per 512-bit FMA, both issued from 12 independent chains
+/// (throughput, not latency), the best of 5 alternating rounds of about 0.1 ms each: a probe
+/// of the core's issue rates, not of memory, so a busy neighbour slows both alike.
+///
+/// # Safety
+/// The CPU has AVX-512 F and AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dot_cost_over_fma() -> f64 {
+    use std::arch::x86_64::*;
+    use std::hint::black_box;
+    use std::time::Instant;
+    const ROUNDS: usize = 8192;
+    const CHAINS: usize = 12;
+    let bits = _mm512_set1_epi32(black_box(0x3f80_3f80));
+    // SAFETY: __m512i, __m512bh and __m512 are all 64 bytes of plain bits.
+    let (pairs, floats) = unsafe {
+        (
+            std::mem::transmute::<__m512i, __m512bh>(bits),
+            std::mem::transmute::<__m512i, __m512>(bits),
+        )
+    };
+    let mut best = [f64::MAX; 2];
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..ROUNDS {
+            for a in acc.iter_mut() {
+                *a = _mm512_dpbf16_ps(*a, pairs, pairs);
+            }
+        }
+        black_box(acc);
+        best[0] = best[0].min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..ROUNDS {
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(*a, floats, floats);
+            }
+        }
+        black_box(acc);
+        best[1] = best[1].min(t.elapsed().as_secs_f64());
+    }
+    best[0] / best[1]
 }
 
 thread_local! {
@@ -292,7 +354,7 @@ impl RowTile for Bf16Dot {
         r0: usize,
         c0: usize,
         sink: &S,
-    ) -> usize {
+    ) {
         use std::arch::x86_64::*;
         let load = |p: *const half::bf16| {
             // SAFETY: the caller's bounds (below); __m512i and __m512bh are both 64 bytes.
@@ -334,7 +396,6 @@ impl RowTile for Bf16Dot {
                 }
             }
         }
-        C
     }
 }
 

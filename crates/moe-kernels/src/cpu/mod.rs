@@ -12,6 +12,8 @@
 //!   without shuffles, the next tile prefetched.
 //! * [`gemm_packed`]: the many-rows case: weights widened once into panels, a 6×16 AVX2 or
 //!   8×32 AVX-512 microkernel.
+//! * [`gemm_bf16dot`]: bf16 weights with `vdpbf16ps` where it issues as fast as an FMA.
+//! * [`gemm_vnni`]: the few-rows case for int8 weights: `x` quantized to int16, `vpdpwssd`.
 //! * [`gemm_amx`]: the many-rows case for bf16 weights on CPUs with AMX: the weights read
 //!   as stored into tiles, `x` rounded to bf16 and pair-interleaved.
 //! * [`attention`]: causal attention of one sequence, scores kept in f32 through the masked
@@ -29,6 +31,7 @@ pub mod gemm_amx;
 pub mod gemm_avx512;
 pub mod gemm_bf16dot;
 pub mod gemm_packed;
+pub mod gemm_vnni;
 pub mod moe_ffn;
 pub mod numerics;
 pub mod pool;

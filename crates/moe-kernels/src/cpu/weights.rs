@@ -42,6 +42,12 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
         let _ = w;
         None
     }
+
+    /// `w` itself when the elements are int8 (the VNNI tiles read only int8), else `None`.
+    fn as_i8(w: &[Self]) -> Option<&[i8]> {
+        let _ = w;
+        None
+    }
 }
 
 impl WeightElem for f32 {
@@ -130,6 +136,10 @@ impl WeightElem for i8 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self as f32
+    }
+
+    fn as_i8(w: &[Self]) -> Option<&[i8]> {
+        Some(w)
     }
 
     #[cfg(target_arch = "x86_64")]
