@@ -17,12 +17,13 @@
 //!   AVX-512 path but without widening: a panel holds 32 weight rows as `[k/2][32]` bf16
 //!   pairs, `x` is packed as `[k/2][8]` bf16 pairs per 8-row block, and the 8×32
 //!   microkernel does per pair of `k` two panel loads, 8 pair broadcasts and 16 `vdpbf16ps`
-//!   (32 multiply-adds each, twice an FMA's 16). On the Zen 4 cores here a `vdpbf16ps` issues
-//!   as often as an FMA; on the Xeons measured before it issued at a quarter of their FMA
-//!   rate, where these kernels would not pay (those have AMX, which [`super::gemm`] tries
-//!   first).
+//!   (32 multiply-adds each, twice an FMA's 16).
 //!
-//! `MOE_INFER_NO_BF16_DOT=1` turns both off (the widening kernels then run).
+//! They pay only where a `vdpbf16ps` issues about as often as an FMA: on Zen 4 it does; on
+//! the Xeons measured (Sapphire/Emerald Rapids class) it costs four FMAs' time, which made
+//! bf16 decode and prefill slower there than the widening kernels. So [`use_bf16_dot`] times
+//! both instructions once at start-up ([`MAX_DOT_COST_OVER_FMA`]) and says on stderr when it
+//! leaves the kernels off. `MOE_INFER_NO_BF16_DOT=1` turns them off too.
 
 use std::cell::RefCell;
 use std::ops::Range;
