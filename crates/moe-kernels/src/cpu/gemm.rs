@@ -142,6 +142,8 @@ pub struct PreparedRows<'a> {
     bf16_pairs: OnceLock<Vec<u32>>,
     /// `x` quantized to int16 for [`super::gemm_vnni::matmul_nt_rows_i8`].
     int16: OnceLock<super::gemm_vnni::QuantizedRows>,
+    /// `x` rounded to bf16 for [`super::gemm_bf16dot::matmul_nt_rows_bf16`].
+    bf16: OnceLock<Vec<half::bf16>>,
 }
 
 impl<'a> PreparedRows<'a> {
@@ -155,7 +157,14 @@ impl<'a> PreparedRows<'a> {
             amx: OnceLock::new(),
             bf16_pairs: OnceLock::new(),
             int16: OnceLock::new(),
+            bf16: OnceLock::new(),
         }
+    }
+
+    /// `x` rounded to bf16, row-major ([`super::gemm_bf16dot::round_rows`]).
+    fn bf16_rows(&self) -> &[half::bf16] {
+        self.bf16
+            .get_or_init(|| super::gemm_bf16dot::round_rows(self.x, self.m, self.k))
     }
 
     /// `x` quantized to int16 per row ([`super::gemm_vnni::quantize_rows`]).
@@ -238,7 +247,9 @@ pub fn matmul_nt_cols_prepared<W: WeightElem, S: Sink>(
     if super::gemm_avx512::use_avx512() {
         if let Some(wb) = W::as_bf16(w).filter(|_| super::gemm_bf16dot::use_bf16_dot()) {
             // SAFETY: AVX512-BF16 detected; operand lengths asserted above.
-            unsafe { super::gemm_bf16dot::matmul_nt_rows_bf16(x, m, k, wb, cols, sink) };
+            unsafe {
+                super::gemm_bf16dot::matmul_nt_rows_bf16(rows.bf16_rows(), m, k, wb, cols, sink)
+            };
             return;
         }
         if let Some(wi) = W::as_i8(w).filter(|_| super::gemm_vnni::use_vnni()) {

@@ -230,7 +230,7 @@ impl<W: WeightElem> RowTile for WidenFma<W> {
 mod tests {
     use super::super::gemm::{matmul_nt_cols_avx2, StoreSink};
     use super::super::shared::SharedMut;
-    use super::super::test_util::{assert_agree_outside_column_0, lcg};
+    use super::super::test_util::{assert_agree_outside_column_0, lcg, FEW_ROWS_SHAPES};
     use super::*;
     use half::bf16;
 
@@ -241,19 +241,7 @@ mod tests {
             eprintln!("skipped: no AVX-512 here");
             return;
         }
-        for (m, k, n) in [
-            (1, 32, 8),
-            (1, 1024, 300),
-            (1, 33, 9),
-            (2, 256, 13),
-            (3, 100, 7),
-            (4, 64, 17),
-            (7, 1000, 41),
-            (1, 5, 3),
-            // Several 64-column blocks, with up to 31 rows (the tiles' range with AVX-512).
-            (16, 160, 150),
-            (31, 96, 200),
-        ] {
+        for &(m, k, n) in FEW_ROWS_SHAPES {
             let mut seed = (m * 7919 + k * 31 + n) as u64;
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
             let w: Vec<W> = (0..n * k).map(|_| conv(lcg(&mut seed))).collect();

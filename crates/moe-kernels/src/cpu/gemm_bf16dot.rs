@@ -34,17 +34,26 @@ use half::bf16;
 use super::gemm::Sink;
 use super::gemm_avx512::{tiles, RowTile, STEP};
 
-/// Whether the bf16 dot kernel runs here: AVX-512 is in use, the CPU has AVX512-BF16 and the
-/// user did not set `MOE_INFER_NO_BF16_DOT` (checked once; the choice is logged once when it
-/// is off on a CPU that has the instruction).
-pub fn use_bf16_dot() -> bool {
-    static USE: OnceLock<bool> = OnceLock::new();
-    *USE.get_or_init(|| {
+/// Whether this CPU can run the bf16 dot kernels: AVX-512 is in use and the CPU has
+/// AVX512-BF16 (whether they pay is [`use_bf16_dot`]'s question).
+pub fn has_bf16_dot() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         let has = is_x86_feature_detected!("avx512bf16");
         #[cfg(not(target_arch = "x86_64"))]
         let has = false;
-        if !has || !super::gemm_avx512::use_avx512() {
+        has && super::gemm_avx512::use_avx512()
+    })
+}
+
+/// Whether the bf16 dot kernels run here: [`has_bf16_dot`], the user did not set
+/// `MOE_INFER_NO_BF16_DOT`, and the instruction issues fast enough to pay (a probe, once; the
+/// choice is logged once when it is off on a CPU that has the instruction).
+pub fn use_bf16_dot() -> bool {
+    static USE: OnceLock<bool> = OnceLock::new();
+    *USE.get_or_init(|| {
+        if !has_bf16_dot() {
             return false;
         }
         if std::env::var_os("MOE_INFER_NO_BF16_DOT").is_some_and(|v| v != "0") {
@@ -53,7 +62,7 @@ pub fn use_bf16_dot() -> bool {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: AVX-512 F and AVX512-BF16 detected above.
+            // SAFETY: AVX-512 F and AVX512-BF16 detected (has_bf16_dot).
             let cost = unsafe { dot_cost_over_fma() };
             if cost > MAX_DOT_COST_OVER_FMA {
                 eprintln!(
@@ -119,19 +128,15 @@ unsafe fn dot_cost_over_fma() -> f64 {
     best[0] / best[1]
 }
 
-thread_local! {
-    /// Per-thread buffer for `x` rounded to bf16 (no allocation per call once warm).
-    static X_BF16: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
-}
-
-/// `sink ← x · W[cols]ᵀ` for `x` `[m, k]` with few rows and bf16 weights.
+/// `sink ← x · W[cols]ᵀ` for `x` `[m, k]` with few rows, already rounded to bf16
+/// ([`round_rows`]), and bf16 weights.
 ///
 /// # Safety
-/// [`use_bf16_dot`] must have returned true; `x` must hold `m * k` and `w` `cols.end * k`
+/// [`has_bf16_dot`] must have returned true; `x` must hold `m * k` and `w` `cols.end * k`
 /// elements.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn matmul_nt_rows_bf16(
-    x: &[f32],
+    x: &[bf16],
     m: usize,
     k: usize,
     w: &[bf16],
@@ -139,12 +144,8 @@ pub unsafe fn matmul_nt_rows_bf16(
     sink: &impl Sink,
 ) {
     assert!(x.len() >= m * k && w.len() >= cols.end * k);
-    X_BF16.with_borrow_mut(|xb| {
-        xb.clear();
-        xb.extend(x[..m * k].iter().map(|&v| bf16::from_f32(v)));
-        // SAFETY: forwarded from the caller; xb holds m * k elements.
-        unsafe { tiles::<Bf16Dot, _>(xb, m, k, w, cols, sink) };
-    });
+    // SAFETY: forwarded from the caller.
+    unsafe { tiles::<Bf16Dot, _>(x, m, k, w, cols, sink) };
 }
 
 /// Rows of `x` per packed block and output columns per panel of [`matmul_nt_packed_bf16`].
@@ -232,45 +233,57 @@ pub(crate) fn pack_x_pairs(x: &[f32], m: usize, k: usize, out: &mut Vec<u32>) {
     let kp = k / 2;
     out.clear();
     out.resize(m.div_ceil(MR) * kp * MR, 0);
-    let mut row_pairs = Vec::with_capacity(kp);
+    let mut row = vec![bf16::ZERO; k];
     for (b, block) in out.chunks_exact_mut(kp * MR).enumerate() {
         for i in 0..MR.min(m - b * MR) {
-            round_to_pairs(&x[(b * MR + i) * k..][..k], &mut row_pairs);
-            for (p, &two) in row_pairs.iter().enumerate() {
-                block[p * MR + i] = two;
+            round_row(&x[(b * MR + i) * k..][..k], &mut row);
+            for (p, two) in row.chunks_exact(2).enumerate() {
+                block[p * MR + i] = pair(two[0], two[1]);
             }
         }
     }
 }
 
-/// One row rounded to bf16 (nearest even) as pairs, 32 values per instruction where the CPU
-/// converts in hardware.
-fn round_to_pairs(row: &[f32], out: &mut Vec<u32>) {
-    out.clear();
-    #[cfg(target_arch = "x86_64")]
-    if use_bf16_dot() {
-        // SAFETY: AVX512-BF16 detected.
-        unsafe { round_to_pairs_avx512(row, out) };
-        return;
+/// `x` (`[m, k]`) rounded to bf16 (nearest even), row-major: the form
+/// [`matmul_nt_rows_bf16`] reads.
+pub(crate) fn round_rows(x: &[f32], m: usize, k: usize) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; m * k];
+    if k > 0 {
+        for (row, dst) in x[..m * k].chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+            round_row(row, dst);
+        }
     }
-    out.extend(
-        row.chunks_exact(2)
-            .map(|two| pair(bf16::from_f32(two[0]), bf16::from_f32(two[1]))),
-    );
+    out
 }
 
-/// [`round_to_pairs`] with `vcvtne2ps2bf16`.
+/// `out ← row` rounded to bf16 (nearest even), 32 values per instruction where the CPU
+/// converts in hardware.
+fn round_row(row: &[f32], out: &mut [bf16]) {
+    assert_eq!(row.len(), out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_bf16_dot() {
+        // SAFETY: AVX512-BF16 detected; equal lengths asserted.
+        done = unsafe { round_row_avx512(row, out) };
+    }
+    for (o, &v) in out[done..].iter_mut().zip(&row[done..]) {
+        *o = bf16::from_f32(v);
+    }
+}
+
+/// The whole blocks of 32 of [`round_row`] with `vcvtne2ps2bf16`; returns how many values it
+/// rounded.
 ///
 /// # Safety
-/// The CPU has AVX512-BF16.
+/// The CPU has AVX512-BF16; `out` is as long as `row`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn round_to_pairs_avx512(row: &[f32], out: &mut Vec<u32>) {
+unsafe fn round_row_avx512(row: &[f32], out: &mut [bf16]) -> usize {
     use std::arch::x86_64::*;
     let blocks = row.len() / 32 * 32;
-    out.resize(blocks / 2, 0);
-    for (src, dst) in row[..blocks].chunks_exact(32).zip(out.chunks_exact_mut(16)) {
-        // SAFETY: 32 readable floats at src, 16 writable u32 at dst; __m512bh is 64 bytes.
+    for (src, dst) in row[..blocks].chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+        // SAFETY: 32 readable floats at src, 32 writable bf16 (64 bytes) at dst; __m512bh is
+        // 64 bytes.
         unsafe {
             let lo = _mm512_loadu_ps(src.as_ptr());
             let hi = _mm512_loadu_ps(src.as_ptr().add(16));
@@ -281,11 +294,7 @@ unsafe fn round_to_pairs_avx512(row: &[f32], out: &mut Vec<u32>) {
             );
         }
     }
-    out.extend(
-        row[blocks..]
-            .chunks_exact(2)
-            .map(|two| pair(half::bf16::from_f32(two[0]), half::bf16::from_f32(two[1]))),
-    );
+    blocks
 }
 
 /// Weight rows `c0..c0 + nc` as `[k/2][32]` pairs (missing columns zero).
@@ -404,28 +413,19 @@ impl RowTile for Bf16Dot {
 mod tests {
     use super::super::gemm::{matmul_nt_cols_avx2, StoreSink};
     use super::super::shared::SharedMut;
-    use super::super::test_util::{assert_agree_outside_column_0, lcg};
+    use super::super::test_util::{assert_agree_outside_column_0, lcg, FEW_ROWS_SHAPES};
     use super::*;
 
     /// The bf16 dot tiles against the AVX2 tiles (the CPU twin) on bf16-exact `x` (what a bf16
-    /// run feeds them), on shapes off the step, the tile and the row block.
+    /// run feeds them), on shapes off the step, the tile and the row group. Run wherever the
+    /// CPU has the instruction, whether or not the probe lets the engine use it.
     #[test]
     fn bf16_dot_tiles_match_avx2() {
-        if !use_bf16_dot() {
+        if !has_bf16_dot() {
             eprintln!("skipped: no AVX512-BF16 here");
             return;
         }
-        for (m, k, n) in [
-            (1, 32, 8),
-            (1, 1024, 300),
-            (1, 33, 9),
-            (2, 256, 13),
-            (3, 100, 7),
-            (7, 1000, 41),
-            (1, 5, 3),
-            (16, 160, 150),
-            (31, 96, 200),
-        ] {
+        for &(m, k, n) in FEW_ROWS_SHAPES {
             let mut seed = (m * 7919 + k * 31 + n) as u64;
             let x: Vec<f32> = (0..m * k)
                 .map(|_| bf16::from_f32(lcg(&mut seed)).to_f32())
@@ -434,9 +434,17 @@ mod tests {
             let (mut a, mut b) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
             let (sa, sb) = (SharedMut::new(&mut a), SharedMut::new(&mut b));
             let cols = 1..n;
+            let xb = round_rows(&x, m, k);
             // SAFETY: the kernel is available (checked above); operand sizes match.
             unsafe {
-                matmul_nt_rows_bf16(&x, m, k, &w, cols.clone(), &StoreSink::new(&sa, n, 0, None))
+                matmul_nt_rows_bf16(
+                    &xb,
+                    m,
+                    k,
+                    &w,
+                    cols.clone(),
+                    &StoreSink::new(&sa, n, 0, None),
+                )
             };
             matmul_nt_cols_avx2(&x, m, k, &w, cols, &StoreSink::new(&sb, n, 0, None));
             drop((sa, sb));
@@ -444,29 +452,28 @@ mod tests {
         }
     }
 
-    /// The hardware rounding of [`round_to_pairs`] is half's nearest-even rounding, on a row
-    /// longer than a block of 32 with a tail, values of every magnitude and exact ties.
+    /// The rounding of [`round_row`] (in hardware where the CPU has it) is half's
+    /// nearest-even rounding, on a row longer than two blocks of 32 with an odd tail, values
+    /// of every magnitude and exact ties; [`pack_x_pairs`] pairs the rounded values in order.
     #[test]
-    fn rounding_to_pairs_is_nearest_even() {
+    fn rounding_is_nearest_even() {
         let mut seed = 7u64;
-        let mut row: Vec<f32> = (0..70)
+        let mut row: Vec<f32> = (0..71)
             .map(|i| lcg(&mut seed) * 10f32.powi(i % 7 - 3))
             .collect();
         // ties: 1 + 2^-8 rounds to 1 (even), 1 + 3 * 2^-8 to 1 + 2^-6
         row[3] = 1.0 + 1.0 / 256.0;
         row[4] = 1.0 + 3.0 / 256.0;
-        let mut out = Vec::new();
-        round_to_pairs(&row, &mut out);
-        assert_eq!(out.len(), 35);
-        for (p, &two) in out.iter().enumerate() {
+        let rounded = round_rows(&row, 1, 71);
+        for (p, (got, &v)) in rounded.iter().zip(&row).enumerate() {
+            assert_eq!(got.to_bits(), bf16::from_f32(v).to_bits(), "{p}");
+        }
+        let mut pairs = Vec::new();
+        pack_x_pairs(&row[..70], 1, 70, &mut pairs);
+        for p in 0..35 {
             assert_eq!(
-                two & 0xffff,
-                bf16::from_f32(row[2 * p]).to_bits() as u32,
-                "{p}"
-            );
-            assert_eq!(
-                two >> 16,
-                bf16::from_f32(row[2 * p + 1]).to_bits() as u32,
+                pairs[p * MR],
+                pair(rounded[2 * p], rounded[2 * p + 1]),
                 "{p}"
             );
         }
@@ -476,7 +483,7 @@ mod tests {
     /// 8-row block, the 32-column panel and the panel group.
     #[test]
     fn packed_bf16_dot_matches_avx2() {
-        if !use_bf16_dot() {
+        if !has_bf16_dot() {
             eprintln!("skipped: no AVX512-BF16 here");
             return;
         }

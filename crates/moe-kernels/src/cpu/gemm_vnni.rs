@@ -193,7 +193,7 @@ impl RowTile for I16Dot {
 mod tests {
     use super::super::gemm::{matmul_nt_cols_avx2, StoreSink};
     use super::super::shared::SharedMut;
-    use super::super::test_util::lcg;
+    use super::super::test_util::{lcg, FEW_ROWS_SHAPES};
     use super::*;
 
     /// The VNNI tiles against the AVX2 tiles on int8 weights, on shapes off the step, the
@@ -206,18 +206,8 @@ mod tests {
             eprintln!("skipped: no AVX512-VNNI here");
             return;
         }
-        for (m, k, n) in [
-            (1, 32, 8),
-            (1, 1024, 300),
-            (1, 33, 9),
-            (2, 256, 13),
-            (3, 100, 7),
-            (9, 64, 70),
-            (16, 160, 150),
-            (40, 1000, 41),
-            (1, 5, 3),
-            (2, K_BLOCK + 96 + 7, 5),
-        ] {
+        let long_row = (2, K_BLOCK + 96 + 7, 5);
+        for &(m, k, n) in FEW_ROWS_SHAPES.iter().chain([&long_row]) {
             let mut seed = (m * 7919 + k * 31 + n) as u64;
             let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
             if m > 1 {

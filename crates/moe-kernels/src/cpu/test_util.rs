@@ -20,3 +20,21 @@ pub fn assert_agree_outside_column_0(got: &[f32], want: &[f32], m: usize, k: usi
         assert!((p - q).abs() <= tol, "{m}x{k}x{n} [{i}]: {p} vs {q}");
     }
 }
+
+/// `(m, k, n)` shapes for the few-rows kernels' tests against the AVX2 twin: off the 32-wide
+/// step (`k`), the 4-column tile and the 8-row group (`m`, up to 40 rows), several 64-column
+/// blocks (`n`), and a `k` below one step.
+pub const FEW_ROWS_SHAPES: &[(usize, usize, usize)] = &[
+    (1, 32, 8),
+    (1, 1024, 300),
+    (1, 33, 9),
+    (2, 256, 13),
+    (3, 100, 7),
+    (4, 64, 17),
+    (7, 1000, 41),
+    (9, 64, 70),
+    (1, 5, 3),
+    (16, 160, 150),
+    (31, 96, 200),
+    (40, 1000, 41),
+];
