@@ -70,8 +70,10 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize) -> QuantizedRows {
         .zip(q.values.chunks_exact_mut(k))
         .zip(&mut q.scales)
     {
+        // `f32::max` skips NaN, so a NaN is looked for apart (as the largest value, it would be
+        // lost: rounded to 0 and the row's outputs silently finite).
         let max = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-        if max == 0.0 || !max.is_finite() {
+        if max == 0.0 || !max.is_finite() || row.iter().any(|v| v.is_nan()) {
             // Zeros stay zeros; a non-finite row poisons its outputs as the f32 kernels would.
             *scale = if max == 0.0 { 0.0 } else { f32::NAN };
             continue;
@@ -261,5 +263,9 @@ mod tests {
                 assert!((back - x[i * 3 + p]).abs() <= q.scales[i] / 2.0 + 1e-7);
             }
         }
+        // A NaN or an infinity poisons its row's outputs (scale NaN), as in the f32 kernels.
+        let bad = [1.0f32, f32::NAN, 2.0, 1.0, f32::INFINITY, 2.0];
+        let q = quantize_rows(&bad, 2, 3);
+        assert!(q.scales[0].is_nan() && q.scales[1].is_nan());
     }
 }
