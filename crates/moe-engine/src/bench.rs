@@ -473,16 +473,18 @@ pub fn decode_weight_bytes_per_token(
     routed_bytes + rest_bytes
 }
 
-/// Read bandwidth of main memory in GB/s (10^9 bytes): the best of eight passes of `threads`
-/// threads summing disjoint parts of a `bytes`-long buffer (make it much larger than the
-/// last-level cache). Wall-clock based: other processes on the cores make it read low.
+/// Read bandwidth of main memory in GB/s (10^9 bytes): the median of eight passes of
+/// `threads` threads summing disjoint parts of a `bytes`-long buffer (make it much larger than
+/// the last-level cache). The median, not the best: a single fast pass (the buffer's tail
+/// still in cache, a burst of turbo) overstated the bandwidth by up to 1.8× on a 2-core Zen 4,
+/// and with it the roofline. Wall-clock based: other processes on the cores make it read low.
 pub fn measure_bandwidth(bytes: usize, threads: usize) -> f64 {
     let threads = threads.max(1);
     let n = (bytes / 8).max(8 * threads);
     // Non-zero so every page is really written (zero pages would all map to one frame).
     let buffer = vec![1u64; n];
     let chunk = n.div_ceil(threads);
-    let mut best = 0.0f64;
+    let mut passes = Vec::with_capacity(8);
     for _ in 0..8 {
         let start = Instant::now();
         let sum = std::thread::scope(|s| {
@@ -497,9 +499,9 @@ pub fn measure_bandwidth(bytes: usize, threads: usize) -> f64 {
         });
         let seconds = start.elapsed().as_secs_f64();
         std::hint::black_box(sum);
-        best = best.max((n * 8) as f64 / seconds / 1e9);
+        passes.push((n * 8) as f64 / seconds / 1e9);
     }
-    best
+    Stat::new(passes).median
 }
 
 /// Sum with eight independent accumulators, so the loop is bound by loads, not by additions.

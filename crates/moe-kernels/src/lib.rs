@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda_pool;
+pub mod dense_panels;
 pub mod dense_q8;
 pub mod expert_ffn;
 pub mod expert_q8;
@@ -26,6 +27,7 @@ pub mod softmax;
 
 pub use align::{align_capacity, AlignedGroups};
 pub use combine::combine;
+pub use dense_panels::{PanelDense, MIN_PANEL_COLUMNS};
 pub use dense_q8::Q8Dense;
 pub use expert_ffn::{expert_ffn, expert_ffn_reference, ExpertActivation, ExpertWeights};
 pub use expert_q8::{Q8Scales, WeightDtype};

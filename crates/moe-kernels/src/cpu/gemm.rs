@@ -134,8 +134,8 @@ pub fn matmul_nt_into<W: WeightElem, S: Sink>(
 /// projection, pack their common rows once.
 pub struct PreparedRows<'a> {
     x: &'a [f32],
-    m: usize,
-    k: usize,
+    pub(super) m: usize,
+    pub(super) k: usize,
     /// `x` packed for [`super::gemm_amx`], made by the first AMX product.
     amx: OnceLock<Vec<u32>>,
     /// `x` packed as bf16 pairs for [`super::gemm_bf16dot::matmul_nt_packed_bf16`].
@@ -175,7 +175,7 @@ impl<'a> PreparedRows<'a> {
 
     /// `x` packed as bf16 pairs ([`super::gemm_bf16dot::pack_x_pairs`]).
     #[cfg(target_arch = "x86_64")]
-    fn bf16_pairs(&self) -> &[u32] {
+    pub(super) fn bf16_pairs(&self) -> &[u32] {
         self.bf16_pairs.get_or_init(|| {
             let mut packed = Vec::new();
             super::gemm_bf16dot::pack_x_pairs(self.x, self.m, self.k, &mut packed);

@@ -148,13 +148,14 @@ pub unsafe fn matmul_nt_rows_bf16(
     unsafe { tiles::<Bf16Dot, _>(x, m, k, w, cols, sink) };
 }
 
-/// Rows of `x` per packed block and output columns per panel of [`matmul_nt_packed_bf16`].
-const MR: usize = 8;
-const NR: usize = 32;
+/// Rows of `x` per packed block and output columns per panel of [`matmul_nt_packed_bf16`]
+/// (and of the panels stored at load, [`super::gemm_panels`]).
+pub(super) const MR: usize = 8;
+pub(super) const NR: usize = 32;
 
 /// Bytes of packed panels made together: every 8-row block of `x` then runs against all of
 /// them while it is in L1/L2.
-const PANEL_GROUP_BYTES: usize = 1 << 19;
+pub(super) const PANEL_GROUP_BYTES: usize = 1 << 19;
 
 thread_local! {
     /// Per-thread buffer of the packed kernel's panels.
@@ -198,18 +199,7 @@ pub unsafe fn matmul_nt_packed_bf16(
                     let nc = (c1 - start).min(NR);
                     // SAFETY: the block at r0 holds kp * 8 pairs and the panel kp * 32; the
                     // CPU has AVX512-BF16 (the caller's promise).
-                    let out = unsafe {
-                        match rows {
-                            1 => micro::<1>(xp, kp, panel.as_ptr()),
-                            2 => micro::<2>(xp, kp, panel.as_ptr()),
-                            3 => micro::<3>(xp, kp, panel.as_ptr()),
-                            4 => micro::<4>(xp, kp, panel.as_ptr()),
-                            5 => micro::<5>(xp, kp, panel.as_ptr()),
-                            6 => micro::<6>(xp, kp, panel.as_ptr()),
-                            7 => micro::<7>(xp, kp, panel.as_ptr()),
-                            _ => micro::<8>(xp, kp, panel.as_ptr()),
-                        }
-                    };
+                    let out = unsafe { micro_rows(rows, xp, kp, panel.as_ptr()) };
                     // SAFETY: the calling task owns these columns; each (row, col) is put once.
                     unsafe { super::gemm_packed::emit(&out, rows, nc, r0, start, sink) };
                 }
@@ -298,7 +288,7 @@ unsafe fn round_row_avx512(row: &[f32], out: &mut [bf16]) -> usize {
 }
 
 /// Weight rows `c0..c0 + nc` as `[k/2][32]` pairs (missing columns zero).
-fn pack_panel_pairs(w: &[bf16], k: usize, c0: usize, nc: usize, panel: &mut [u32]) {
+pub(super) fn pack_panel_pairs(w: &[bf16], k: usize, c0: usize, nc: usize, panel: &mut [u32]) {
     let kp = k / 2;
     for j in 0..NR {
         if j < nc {
@@ -310,6 +300,33 @@ fn pack_panel_pairs(w: &[bf16], k: usize, c0: usize, nc: usize, panel: &mut [u32
             for p in 0..kp {
                 panel[p * NR + j] = 0;
             }
+        }
+    }
+}
+
+/// [`micro`] for `rows` (1..=8) rows.
+///
+/// # Safety
+/// As for [`micro`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn micro_rows(
+    rows: usize,
+    x: *const u32,
+    kp: usize,
+    panel: *const u32,
+) -> [[f32; NR]; MR] {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match rows {
+            1 => micro::<1>(x, kp, panel),
+            2 => micro::<2>(x, kp, panel),
+            3 => micro::<3>(x, kp, panel),
+            4 => micro::<4>(x, kp, panel),
+            5 => micro::<5>(x, kp, panel),
+            6 => micro::<6>(x, kp, panel),
+            7 => micro::<7>(x, kp, panel),
+            _ => micro::<8>(x, kp, panel),
         }
     }
 }
@@ -328,15 +345,36 @@ unsafe fn micro<const R: usize>(x: *const u32, kp: usize, panel: *const u32) -> 
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     };
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // With 1 or 2 rows, 2R chains of sums would wait on the instruction's latency: odd
+    // pairs go to a second set (registers to spare there).
+    let mut odd = [[_mm512_setzero_ps(); 2]; R];
     // SAFETY (whole body): p < kp keeps every x and panel read inside the bounds above.
     unsafe {
-        for p in 0..kp {
+        let step = |p: usize, acc: &mut [[__m512; 2]; R]| {
             let b0 = bh(_mm512_loadu_si512(panel.add(p * NR) as *const __m512i));
             let b1 = bh(_mm512_loadu_si512(panel.add(p * NR + 16) as *const __m512i));
             for (i, a) in acc.iter_mut().enumerate() {
                 let xv = bh(_mm512_set1_epi32(*x.add(p * MR + i) as i32));
                 a[0] = _mm512_dpbf16_ps(a[0], xv, b0);
                 a[1] = _mm512_dpbf16_ps(a[1], xv, b1);
+            }
+        };
+        let mut p = 0;
+        if R <= 2 {
+            while p + 2 <= kp {
+                step(p, &mut acc);
+                step(p + 1, &mut odd);
+                p += 2;
+            }
+        }
+        while p < kp {
+            step(p, &mut acc);
+            p += 1;
+        }
+        if R <= 2 {
+            for (a, o) in acc.iter_mut().zip(&odd) {
+                a[0] = _mm512_add_ps(a[0], o[0]);
+                a[1] = _mm512_add_ps(a[1], o[1]);
             }
         }
         let mut out = [[0f32; NR]; MR];

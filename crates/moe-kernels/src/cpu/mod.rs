@@ -13,6 +13,8 @@
 //! * [`gemm_packed`]: the many-rows case: weights widened once into panels, a 6×16 AVX2 or
 //!   8×32 AVX-512 microkernel.
 //! * [`gemm_bf16dot`]: bf16 weights with `vdpbf16ps` where it issues as fast as an FMA.
+//! * [`gemm_panels`]: bf16 matrices stored at load as the `vdpbf16ps` microkernel's panels,
+//!   so decode steps of several sequences use the microkernel without packing per call.
 //! * [`gemm_vnni`]: the few-rows case for int8 weights: `x` quantized to int16, `vpdpwssd`.
 //! * [`gemm_amx`]: the many-rows case for bf16 weights on CPUs with AMX: the weights read
 //!   as stored into tiles, `x` rounded to bf16 and pair-interleaved.
@@ -31,6 +33,7 @@ pub mod gemm_amx;
 pub mod gemm_avx512;
 pub mod gemm_bf16dot;
 pub mod gemm_packed;
+pub mod gemm_panels;
 pub mod gemm_vnni;
 pub mod moe_ffn;
 pub mod numerics;
@@ -47,10 +50,12 @@ pub use gemm::{
     has_avx2_fma, matmul_nt_cols, matmul_nt_cols_avx2, matmul_nt_cols_prepared, matmul_nt_into,
     PreparedRows, Sink, StoreSink,
 };
+pub use gemm_panels::{matmul_nt_panels, Bf16Panels};
 pub use moe_ffn::{grouped_expert_ffn, ExpertSlices};
 pub use numerics::{numerics, set_numerics, Numerics};
 pub use shared::SharedMut;
 pub use tensors::{
-    fast_grouped_experts, fast_grouped_experts_in_waves, fast_matmul_nt, fast_matmul_nt_q8,
+    fast_grouped_experts, fast_grouped_experts_in_waves, fast_matmul_nt, fast_matmul_nt_panels,
+    fast_matmul_nt_q8,
 };
 pub use weights::WeightElem;

@@ -1,6 +1,6 @@
 //! Glue between candle tensors and the slice kernels of this module: borrow a contiguous CPU
 //! tensor's elements without copying, and the tensor-level entry points the model blocks
-//! call ([`fast_matmul_nt`], [`fast_grouped_experts`]).
+//! call ([`fast_matmul_nt`], [`fast_matmul_nt_panels`], [`fast_grouped_experts`]).
 
 use std::borrow::Borrow;
 
@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use half::bf16;
 use moe_core::{Error, Result};
 
-use super::gemm::{matmul_nt_into, StoreSink};
+use super::gemm::{matmul_nt_into, PreparedRows, StoreSink};
+use super::gemm_panels::{matmul_nt_panels, Bf16Panels};
 use super::moe_ffn::{grouped_expert_ffn, ExpertSlices};
 use super::q8::ScaledSink;
 use super::shared::SharedMut;
@@ -112,6 +113,29 @@ pub fn fast_matmul_nt_q8(
         Error::InvalidRequest("int8 matmul: weights are not U8 values on the CPU".into())
     })?;
     matmul_nt_slice(a, as_i8(bits), q.dims(), Some(&scales), bias)
+}
+
+/// `a · Wᵀ (+ bias)` for a bf16 matrix `W` stored as panels ([`Bf16Panels`]): every leading
+/// dim of `a` (`[.., k]`) is a row; the result has `a`'s dtype, rounded once.
+pub fn fast_matmul_nt_panels(a: &Tensor, w: &Bf16Panels, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (n, k) = w.dims();
+    let mut dims = a.dims().to_vec();
+    if dims.last() != Some(&k) {
+        return Err(Error::InvalidRequest(format!(
+            "matmul: shapes {dims:?} and [{n}, {k}] (transposed) do not multiply"
+        )));
+    }
+    let m = a.elem_count() / k;
+    let av = to_f32_vec(a)?;
+    let bias = bias.map(to_f32_vec).transpose()?;
+    let mut out = vec![0f32; m * n];
+    {
+        let shared = SharedMut::new(&mut out);
+        let sink = StoreSink::new(&shared, n, 0, bias.as_deref());
+        matmul_nt_panels(&PreparedRows::new(&av, m, k), w, &sink);
+    }
+    *dims.last_mut().expect("checked above") = n;
+    from_f32_vec(out, &dims, a.dtype(), a.device())
 }
 
 /// The shared body of the fast products: `w` holds the elements of a `b_dims`-shaped weight
