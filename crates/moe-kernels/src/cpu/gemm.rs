@@ -28,7 +28,7 @@ const TILE_COLS: usize = 4;
 /// `W` in L2 while all rows of `x` pass over it).
 const COL_BLOCK: usize = 64;
 /// Below this many weight elements a product runs on the calling thread.
-const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
+pub(super) const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
 
 /// Receives finished dot products.
 ///

@@ -150,7 +150,7 @@ pub unsafe fn matmul_nt_rows_bf16(
 
 /// Rows of `x` per packed block and output columns per panel of [`matmul_nt_packed_bf16`]
 /// (and of the panels stored at load, [`super::gemm_panels`]).
-pub(super) const MR: usize = 8;
+const MR: usize = 8;
 pub(super) const NR: usize = 32;
 
 /// Bytes of packed panels made together: every 8-row block of `x` then runs against all of
@@ -190,24 +190,45 @@ pub unsafe fn matmul_nt_packed_bf16(
                 let start = c0 + g * NR;
                 pack_panel_pairs(w, k, start, (c1 - start).min(NR), panel);
             }
-            let mut r0 = 0;
-            while r0 < m {
-                let rows = (m - r0).min(MR);
-                let xp = x_blocks[r0 * kp..].as_ptr();
-                for (g, panel) in used.chunks_exact(kp * NR).enumerate() {
-                    let start = c0 + g * NR;
-                    let nc = (c1 - start).min(NR);
-                    // SAFETY: the block at r0 holds kp * 8 pairs and the panel kp * 32; the
-                    // CPU has AVX512-BF16 (the caller's promise).
-                    let out = unsafe { micro_rows(rows, xp, kp, panel.as_ptr()) };
-                    // SAFETY: the calling task owns these columns; each (row, col) is put once.
-                    unsafe { super::gemm_packed::emit(&out, rows, nc, r0, start, sink) };
-                }
-                r0 += rows;
-            }
+            // SAFETY: the caller's promises; `used` holds the panels of columns c0..c1.
+            unsafe { blocks_against_panels(x_blocks, m, kp, used, c0..c1, sink) };
             c0 = c1;
         }
     });
+}
+
+/// Every 8-row block of `x` (`x_blocks`, packed by [`pack_x_pairs`]) against consecutive
+/// panels (`[kp][32]` pairs each) holding the output columns `cols`, into `sink`: the loop
+/// shared by the per-call packing above and the panels stored at load
+/// ([`super::gemm_panels`]).
+///
+/// # Safety
+/// The CPU has AVX512-BF16; `x_blocks` holds `m.div_ceil(8) * kp * 8` pairs and `panels`
+/// `cols.len().div_ceil(32)` panels; the calling task owns `cols`.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn blocks_against_panels(
+    x_blocks: &[u32],
+    m: usize,
+    kp: usize,
+    panels: &[u32],
+    cols: Range<usize>,
+    sink: &impl Sink,
+) {
+    let mut r0 = 0;
+    while r0 < m {
+        let rows = (m - r0).min(MR);
+        let xp = x_blocks[r0 * kp..].as_ptr();
+        for (g, panel) in panels.chunks_exact(kp * NR).enumerate() {
+            let start = cols.start + g * NR;
+            let nc = (cols.end - start).min(NR);
+            // SAFETY: the block at r0 holds kp * 8 pairs and the panel kp * 32; the CPU has
+            // AVX512-BF16 (the caller's promise).
+            let out = unsafe { micro_rows(rows, xp, kp, panel.as_ptr()) };
+            // SAFETY: the calling task owns these columns; each (row, col) is put once.
+            unsafe { super::gemm_packed::emit(&out, rows, nc, r0, start, sink) };
+        }
+        r0 += rows;
+    }
 }
 
 /// Two bf16 values as the `u32` a pair broadcast or panel element holds: `lo` in the low half
@@ -310,12 +331,7 @@ pub(super) fn pack_panel_pairs(w: &[bf16], k: usize, c0: usize, nc: usize, panel
 /// As for [`micro`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) unsafe fn micro_rows(
-    rows: usize,
-    x: *const u32,
-    kp: usize,
-    panel: *const u32,
-) -> [[f32; NR]; MR] {
+unsafe fn micro_rows(rows: usize, x: *const u32, kp: usize, panel: *const u32) -> [[f32; NR]; MR] {
     // SAFETY: forwarded from the caller.
     unsafe {
         match rows {

@@ -16,12 +16,9 @@
 
 use half::bf16;
 
-use super::gemm::{PreparedRows, Sink};
-use super::gemm_bf16dot::{pack_panel_pairs, use_bf16_dot, MR, NR, PANEL_GROUP_BYTES};
+use super::gemm::{PreparedRows, Sink, PARALLEL_MIN_WEIGHTS};
+use super::gemm_bf16dot::{pack_panel_pairs, use_bf16_dot, NR, PANEL_GROUP_BYTES};
 use super::pool;
-
-/// Below this many weight elements a product runs on the calling thread.
-const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
 
 /// A bf16 `[n, k]` matrix (`k` even) as panels of 32 rows, `[k/2][32]` pairs each (the rows
 /// past `n` in the last panel are zero).
@@ -113,24 +110,20 @@ fn panels_on_this_thread<S: Sink>(
         let mut g0 = panels.start;
         while g0 < panels.end {
             let g1 = (g0 + group).min(panels.end);
-            let mut r0 = 0;
-            while r0 < m {
-                let block_rows = (m - r0).min(MR);
-                let xp = x_blocks[r0 * kp..].as_ptr();
-                for p in g0..g1 {
-                    let c0 = p * NR;
-                    let panel = w.data[p * panel_len..][..panel_len].as_ptr();
-                    // SAFETY: the block at r0 holds kp * 8 pairs and the panel kp * 32;
-                    // panels exist only where the CPU runs `vdpbf16ps` (Bf16Panels::pack).
-                    let out = unsafe { super::gemm_bf16dot::micro_rows(block_rows, xp, kp, panel) };
-                    // SAFETY: this task owns the columns of its panels; each (row, col) is
-                    // put once.
-                    unsafe {
-                        super::gemm_packed::emit(&out, block_rows, (w.n - c0).min(NR), r0, c0, sink)
-                    };
-                }
-                r0 += block_rows;
-            }
+            let cols = g0 * NR..(g1 * NR).min(w.n);
+            let group_panels = &w.data[g0 * panel_len..g1 * panel_len];
+            // SAFETY: panels exist only where the CPU runs `vdpbf16ps` (Bf16Panels::pack);
+            // the rows are packed for it and this task owns the columns of its panels.
+            unsafe {
+                super::gemm_bf16dot::blocks_against_panels(
+                    x_blocks,
+                    m,
+                    kp,
+                    group_panels,
+                    cols,
+                    sink,
+                )
+            };
             g0 = g1;
         }
     }
