@@ -34,7 +34,7 @@ pub use expert_q8::{Q8Scales, WeightDtype};
 pub use fused::{MoeExperts, StackedExperts};
 pub use grouping::ExpertGroups;
 pub use matmul::{matmul_nn, matmul_nt, SumOrder};
-pub use rms_norm::rms_norm;
+pub use rms_norm::{rms_norm, rms_norm_rows_in_place};
 pub use routing::{route, route_reference, route_reference_with_bias, route_with_bias};
 pub use slot_pool::{PoolFull, SlotTable};
 pub use softmax::softmax_last_dim;

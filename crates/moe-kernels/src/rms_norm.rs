@@ -21,28 +21,38 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             .to_dtype(dtype)?;
         return Ok(normed.broadcast_mul(weight)?);
     }
-    let size = x.dim(D::Minus1)?;
-    let round: fn(f32) -> f32 = match dtype {
-        DType::BF16 => |v| bf16::from_f32(v).to_f32(),
-        _ => |v| v,
-    };
     let values: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     let weight: Vec<f32> = weight.to_dtype(DType::F32)?.to_vec1()?;
-    let mut out = Vec::with_capacity(values.len());
+    let mut out = values;
+    rms_norm_rows_in_place(&mut out, &weight, eps, dtype);
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?.to_dtype(dtype)?)
+}
+
+/// [`rms_norm`] on host values: normalises each `weight.len()`-wide row of `rows` in place,
+/// the sum in torch's order, rounded to `dtype` (bf16 or f32) where transformers' RMSNorm
+/// rounds.
+pub fn rms_norm_rows_in_place(rows: &mut [f32], weight: &[f32], eps: f64, dtype: DType) {
+    if dtype == DType::BF16 {
+        normalise_rows(rows, weight, eps, |v| bf16::from_f32(v).to_f32());
+    } else {
+        normalise_rows(rows, weight, eps, |v| v);
+    }
+}
+
+/// [`rms_norm_rows_in_place`] with its rounding inlined.
+fn normalise_rows(rows: &mut [f32], weight: &[f32], eps: f64, round: impl Fn(f32) -> f32) {
+    let size = weight.len();
     let mut squares = vec![0f32; size];
-    for row in values.chunks(size.max(1)) {
-        for (s, &v) in squares.iter_mut().zip(row) {
+    for row in rows.chunks_mut(size.max(1)) {
+        for (s, &v) in squares.iter_mut().zip(row.iter()) {
             *s = v * v;
         }
         let variance = torch_sum(&squares) / size as f32;
         let inv = 1.0 / (variance + eps as f32).sqrt();
-        out.extend(
-            row.iter()
-                .zip(&weight)
-                .map(|(&v, &w)| round(w * round(v * inv))),
-        );
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = round(w * round(*v * inv));
+        }
     }
-    Ok(Tensor::from_vec(out, x.shape(), x.device())?.to_dtype(dtype)?)
 }
 
 /// torch's CPU sum of a contiguous f32 row (`vectorized_inner_sum` → `row_sum` →

@@ -126,78 +126,376 @@ fn attention_typed<W: WeightElem + WithDType>(
             v.dims()
         )));
     }
+    let qf = to_f32_vec(q)?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let not_cpu = || Error::InvalidRequest("fast attention: kv cache not on the CPU".into());
+    let keys = KvHeads {
+        data: slice_of::<W>(&k_storage, k_layout).ok_or_else(not_cpu)?,
+        head_stride: n_keys * d,
+        n_keys,
+    };
+    let values = KvHeads {
+        data: slice_of::<W>(&v_storage, v_layout).ok_or_else(not_cpu)?,
+        head_stride: n_keys * d,
+        n_keys,
+    };
+    let shape = AttentionShape {
+        n_kv,
+        rows,
+        d,
+        n_new,
+    };
+    let out = attention_core(&qf, shape, keys, values, scale, mask, block_bytes);
+    from_f32_vec(out, &[n_kv, rows, d], q.dtype(), q.device())
+}
+
+/// [`fast_causal_attention`] over a kv cache kept with room to grow: `k_cache`, `v_cache`
+/// (`[n_kv, capacity, d]`, contiguous, bf16 or f32) hold the sequence's keys and values in
+/// their first `n_keys` positions, read in place. `q` is f32 `[n_kv, rows, d]` as
+/// [`fast_causal_attention`] takes it (`rows` = group × `n_new`); returns f32 `[n_kv, rows, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn fast_attention_over_cache(
+    q: &[f32],
+    rows: usize,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    n_keys: usize,
+    n_new: usize,
+    scale: f32,
+    mask: CausalMask,
+) -> Result<Vec<f32>> {
+    let (n_kv, capacity, d) = k_cache.dims3()?;
+    if v_cache.dims3()? != (n_kv, capacity, d)
+        || k_cache.dtype() != v_cache.dtype()
+        || n_keys > capacity
+        || n_new == 0
+        || !rows.is_multiple_of(n_new)
+        || q.len() != n_kv * rows * d
+    {
+        return Err(Error::InvalidRequest(format!(
+            "fast attention: {} query values ({rows} rows, {n_new} new) against caches {:?} / {:?} \
+             holding {n_keys} keys do not match",
+            q.len(),
+            k_cache.dims(),
+            v_cache.dims()
+        )));
+    }
+    let shape = AttentionShape {
+        n_kv,
+        rows,
+        d,
+        n_new,
+    };
+    fn typed<W: WeightElem + WithDType>(
+        q: &[f32],
+        shape: AttentionShape,
+        (k_cache, v_cache): (&Tensor, &Tensor),
+        n_keys: usize,
+        scale: f32,
+        mask: CausalMask,
+    ) -> Result<Vec<f32>> {
+        let (k_storage, k_layout) = k_cache.storage_and_layout();
+        let (v_storage, v_layout) = v_cache.storage_and_layout();
+        let not_cpu =
+            || Error::InvalidRequest("fast attention: kv cache not contiguous on the CPU".into());
+        let head_stride = k_cache.dim(1)? * shape.d;
+        let keys = KvHeads {
+            data: slice_of::<W>(&k_storage, k_layout).ok_or_else(not_cpu)?,
+            head_stride,
+            n_keys,
+        };
+        let values = KvHeads {
+            data: slice_of::<W>(&v_storage, v_layout).ok_or_else(not_cpu)?,
+            head_stride,
+            n_keys,
+        };
+        Ok(attention_core(
+            q,
+            shape,
+            keys,
+            values,
+            scale,
+            mask,
+            SCORE_BLOCK_BYTES,
+        ))
+    }
+    let caches = (k_cache, v_cache);
+    match k_cache.dtype() {
+        DType::BF16 => typed::<bf16>(q, shape, caches, n_keys, scale, mask),
+        DType::F32 => typed::<f32>(q, shape, caches, n_keys, scale, mask),
+        dt => Err(Error::InvalidRequest(format!(
+            "fast attention: a kv cache in {dt:?}"
+        ))),
+    }
+}
+
+/// The sizes of one attention call: `n_kv` kv heads, each with `rows` query rows (the query
+/// heads sharing it, `n_new` tokens each) of width `d`.
+#[derive(Debug, Clone, Copy)]
+struct AttentionShape {
+    n_kv: usize,
+    rows: usize,
+    d: usize,
+    n_new: usize,
+}
+
+/// Keys or values of one sequence: head `h`'s `n_keys` rows of `d` start at `h * head_stride`
+/// of `data` (a cache with room to grow has `head_stride` > `n_keys * d`).
+#[derive(Clone, Copy)]
+struct KvHeads<'a, W> {
+    data: &'a [W],
+    head_stride: usize,
+    n_keys: usize,
+}
+
+impl<W> KvHeads<'_, W> {
+    /// The `n_keys × d` rows of head `h`.
+    fn head(&self, h: usize, d: usize) -> &[W] {
+        &self.data[h * self.head_stride..][..self.n_keys * d]
+    }
+}
+
+/// Query blocks of at most this many rows (a decode step) take the scores and the P·V product
+/// directly, one key or value row at a time for all the rows, on the calling thread; larger
+/// blocks use the GEMM kernels (and transpose `v` once per head for them).
+const DIRECT_PV_MAX_ROWS: usize = 32;
+
+/// The attention itself, on host slices: `q` f32 `[n_kv, rows, d]`; returns f32
+/// `[n_kv, rows, d]`.
+fn attention_core<W: WeightElem + WithDType>(
+    qf: &[f32],
+    shape: AttentionShape,
+    keys: KvHeads<'_, W>,
+    values: KvHeads<'_, W>,
+    scale: f32,
+    mask: CausalMask,
+    block_bytes: usize,
+) -> Vec<f32> {
+    let AttentionShape {
+        n_kv,
+        rows,
+        d,
+        n_new,
+    } = shape;
+    let n_keys = keys.n_keys;
     // Keys padded to a multiple of 32 (zero probabilities, zero values): the AMX tiles take
     // `k` in steps of 32, and the P·V product's `k` is the number of keys.
     let kp = n_keys.div_ceil(32) * 32;
-    let qf = to_f32_vec(q)?;
-    let (k, v) = (k.contiguous()?, v.contiguous()?);
     // Rows in blocks, so the scores of a long prompt never take more than about
     // `block_bytes` (and stay in cache between the three steps below).
     let block = (block_bytes / (kp * 4)).clamp(64, rows.max(64));
     let mut scores = vec![0f32; block.min(rows) * kp];
     let mut out = vec![0f32; n_kv * rows * d];
-    {
-        let (k_storage, k_layout) = k.storage_and_layout();
-        let (v_storage, v_layout) = v.storage_and_layout();
-        let not_cpu = || Error::InvalidRequest("fast attention: kv cache not on the CPU".into());
-        let kw: &[W] = slice_of(&k_storage, k_layout).ok_or_else(not_cpu)?;
-        let vw: &[W] = slice_of(&v_storage, v_layout).ok_or_else(not_cpu)?;
-        // vᵀ per kv head, `[d, kp]`: the P·V product reads it as `[out, in]` weights.
-        let zero = W::from_f64(0.0);
-        let mut vt = vec![zero; n_kv * d * kp];
-        for h in 0..n_kv {
-            for j in 0..n_keys {
-                let src = &vw[(h * n_keys + j) * d..][..d];
-                for (c, &e) in src.iter().enumerate() {
-                    vt[(h * d + c) * kp + j] = e;
+    let zero = W::from_f64(0.0);
+    let mut vt = Vec::new();
+    let out_s = SharedMut::new(&mut out);
+    for h in 0..n_kv {
+        let kh = keys.head(h, d);
+        let vh = values.head(h, d);
+        let mut transposed = false;
+        let mut r0 = 0;
+        while r0 < rows {
+            let n_rows = block.min(rows - r0);
+            let blk = &mut scores[..n_rows * kp];
+            let first = (h * rows + r0) * d;
+            let direct = n_rows <= DIRECT_PV_MAX_ROWS;
+            // 1. Scores, row stride kp.
+            if direct {
+                query_key_scores(&qf[first..first + n_rows * d], kh, n_keys, d, kp, blk);
+            }
+            let scores_s = SharedMut::new(blk);
+            if !direct {
+                let sink = StoreSink::new(&scores_s, kp, 0, None);
+                matmul_nt_into(&qf[first..first + n_rows * d], n_rows, d, kh, n_keys, &sink);
+            }
+            // 2. Scale, mask and softmax each row in place (masked keys and padding
+            // become 0). A decode step's few short rows run on the calling thread.
+            let chunk = if n_rows * kp < SERIAL_SOFTMAX_MAX {
+                n_rows
+            } else {
+                pool::chunk_size(n_rows, 1, 4, 4)
+            };
+            pool::for_each_task(n_rows.div_ceil(chunk), |t| {
+                ROW.with_borrow_mut(|tmp| {
+                    for r in t * chunk..((t + 1) * chunk).min(n_rows) {
+                        let seen = mask.visible((r0 + r) % n_new, n_keys);
+                        // SAFETY: each task owns whole rows r of the block.
+                        let row =
+                            unsafe { std::slice::from_raw_parts_mut(scores_s.at(r * kp), kp) };
+                        let visible = &mut row[seen.clone()];
+                        visible.iter_mut().for_each(|s| *s *= scale);
+                        tmp.resize(visible.len(), 0.0);
+                        softmax_row(visible, tmp);
+                        visible.copy_from_slice(tmp);
+                        row[..seen.start].fill(0.0);
+                        row[seen.end..].fill(0.0);
+                    }
+                });
+            });
+            // 3. P · v.
+            if direct {
+                // SAFETY: this block's output rows, written by this thread only.
+                let out_rows =
+                    unsafe { std::slice::from_raw_parts_mut(out_s.at(first), n_rows * d) };
+                probabilities_times_values(&scores[..n_rows * kp], kp, vh, n_keys, d, out_rows);
+            } else {
+                if !transposed {
+                    // vᵀ of this head, `[d, kp]`: the product reads it as `[out, in]` weights.
+                    vt.clear();
+                    vt.resize(d * kp, zero);
+                    for j in 0..n_keys {
+                        for (c, &e) in vh[j * d..][..d].iter().enumerate() {
+                            vt[c * kp + j] = e;
+                        }
+                    }
+                    transposed = true;
+                }
+                let sink = StoreSink::new(&out_s, d, h * rows + r0, None);
+                matmul_nt_into(&scores[..n_rows * kp], n_rows, kp, &vt, d, &sink);
+            }
+            r0 += n_rows;
+        }
+    }
+    out
+}
+
+/// `scores[r, j] = q[r] · k[j]` for the `n_rows = q.len() / d` rows of `q` and the `n_keys`
+/// rows of `k` (`[n_keys, d]`), row stride `kp` in `scores`.
+fn query_key_scores<W: WeightElem>(
+    q: &[f32],
+    k: &[W],
+    n_keys: usize,
+    d: usize,
+    kp: usize,
+    scores: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && super::gemm::has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are present (checked above) and `d` is a multiple of 8.
+        return unsafe { query_key_scores_avx2(q, k, n_keys, d, kp, scores) };
+    }
+    for (r, qr) in q.chunks(d).enumerate() {
+        for j in 0..n_keys {
+            let kj = &k[j * d..][..d];
+            scores[r * kp + j] = qr.iter().zip(kj).map(|(&a, &b)| a * b.to_f32()).sum();
+        }
+    }
+}
+
+/// [`query_key_scores`] with 8-wide FMAs.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA, and `d` must be a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn query_key_scores_avx2<W: WeightElem>(
+    q: &[f32],
+    k: &[W],
+    n_keys: usize,
+    d: usize,
+    kp: usize,
+    scores: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n_rows = q.len() / d;
+    assert!(k.len() >= n_keys * d && scores.len() >= (n_rows.max(1) - 1) * kp + n_keys);
+    let mut widened = [0f32; 512];
+    for j in 0..n_keys {
+        // The key row widened once (in chunks of 512) for all the query rows.
+        for c0 in (0..d).step_by(512) {
+            let width = 512.min(d - c0);
+            for c in (0..width).step_by(8) {
+                // SAFETY: `c0 + c + 8 <= d` and `j < n_keys`, within `k`.
+                _mm256_storeu_ps(
+                    widened.as_mut_ptr().add(c),
+                    W::load8(k.as_ptr().add(j * d + c0 + c)),
+                );
+            }
+            for r in 0..n_rows {
+                let mut acc = _mm256_setzero_ps();
+                for c in (0..width).step_by(8) {
+                    // SAFETY: `c + 8 <= width`, within `widened` and query row `r`.
+                    let qv = _mm256_loadu_ps(q.as_ptr().add(r * d + c0 + c));
+                    acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(widened.as_ptr().add(c)), acc);
+                }
+                let lanes: [f32; 8] = std::mem::transmute(acc);
+                let dot: f32 = lanes.iter().sum();
+                let at = r * kp + j;
+                if c0 == 0 {
+                    scores[at] = dot;
+                } else {
+                    scores[at] += dot;
                 }
             }
         }
-        let out_s = SharedMut::new(&mut out);
-        for h in 0..n_kv {
-            let kh = &kw[h * n_keys * d..(h + 1) * n_keys * d];
-            let vh = &vt[h * d * kp..(h + 1) * d * kp];
-            let mut r0 = 0;
-            while r0 < rows {
-                let n_rows = block.min(rows - r0);
-                let blk = &mut scores[..n_rows * kp];
-                let first = (h * rows + r0) * d;
-                // 1. Scores, row stride kp.
-                let scores_s = SharedMut::new(blk);
-                let sink = StoreSink::new(&scores_s, kp, 0, None);
-                matmul_nt_into(&qf[first..first + n_rows * d], n_rows, d, kh, n_keys, &sink);
-                // 2. Scale, mask and softmax each row in place (masked keys and padding
-                // become 0). A decode step's few short rows run on the calling thread.
-                let chunk = if n_rows * kp < SERIAL_SOFTMAX_MAX {
-                    n_rows
-                } else {
-                    pool::chunk_size(n_rows, 1, 4, 4)
-                };
-                pool::for_each_task(n_rows.div_ceil(chunk), |t| {
-                    ROW.with_borrow_mut(|tmp| {
-                        for r in t * chunk..((t + 1) * chunk).min(n_rows) {
-                            let seen = mask.visible((r0 + r) % n_new, n_keys);
-                            // SAFETY: each task owns whole rows r of the block.
-                            let row =
-                                unsafe { std::slice::from_raw_parts_mut(scores_s.at(r * kp), kp) };
-                            let visible = &mut row[seen.clone()];
-                            visible.iter_mut().for_each(|s| *s *= scale);
-                            tmp.resize(visible.len(), 0.0);
-                            softmax_row(visible, tmp);
-                            visible.copy_from_slice(tmp);
-                            row[..seen.start].fill(0.0);
-                            row[seen.end..].fill(0.0);
-                        }
-                    });
-                });
-                // 3. P · v.
-                let sink = StoreSink::new(&out_s, d, h * rows + r0, None);
-                matmul_nt_into(&scores[..n_rows * kp], n_rows, kp, vh, d, &sink);
-                r0 += n_rows;
+    }
+}
+
+/// `out[r] = Σ_j p[r, j] · v[j]` for the `n_rows = out.len() / d` probability rows of `p`
+/// (row stride `kp`) and the `n_keys` rows of `v` (`[n_keys, d]`): each value row is read once
+/// for all the query rows.
+fn probabilities_times_values<W: WeightElem>(
+    p: &[f32],
+    kp: usize,
+    v: &[W],
+    n_keys: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && super::gemm::has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are present (checked above) and `d` is a multiple of 8.
+        return unsafe { probabilities_times_values_avx2(p, kp, v, n_keys, d, out) };
+    }
+    let n_rows = out.len() / d;
+    for j in 0..n_keys {
+        let vj = &v[j * d..][..d];
+        for r in 0..n_rows {
+            let pr = p[r * kp + j];
+            if pr != 0.0 {
+                for (o, &e) in out[r * d..][..d].iter_mut().zip(vj) {
+                    *o += pr * e.to_f32();
+                }
             }
         }
     }
-    from_f32_vec(out, &[n_kv, rows, d], q.dtype(), q.device())
+}
+
+/// [`probabilities_times_values`] with 8-wide FMAs.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA, and `d` must be a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn probabilities_times_values_avx2<W: WeightElem>(
+    p: &[f32],
+    kp: usize,
+    v: &[W],
+    n_keys: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n_rows = out.len() / d;
+    assert!(v.len() >= n_keys * d && p.len() >= (n_rows.max(1) - 1) * kp + n_keys);
+    for c in (0..d).step_by(8) {
+        for j in 0..n_keys {
+            // SAFETY (all loads and stores): `c + 8 <= d`, `j < n_keys`, `r < n_rows`, within
+            // the lengths asserted above.
+            let vj = W::load8(v.as_ptr().add(j * d + c));
+            for r in 0..n_rows {
+                let pr = *p.get_unchecked(r * kp + j);
+                let o = out.as_mut_ptr().add(r * d + c);
+                _mm256_storeu_ps(
+                    o,
+                    _mm256_fmadd_ps(_mm256_set1_ps(pr), vj, _mm256_loadu_ps(o)),
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -296,6 +594,62 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// A cache with room to grow (capacity past the keys, filled with values that must not be
+    /// read) gives what the contiguous keys give, bf16 and f32.
+    #[test]
+    fn a_cache_with_spare_capacity_reads_only_its_keys() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let (n_kv, group, n_new, n_keys, capacity, d) = (2, 4, 1, 21, 64, 32);
+            let rows = group * n_new;
+            let fill = |n: usize, seed: f32| -> Vec<f32> {
+                (0..n).map(|i| (i as f32 * 0.53 + seed).sin()).collect()
+            };
+            let cache = |seed: f32| {
+                let mut v = fill(n_kv * capacity * d, seed);
+                for h in 0..n_kv {
+                    v[(h * capacity + n_keys) * d..(h + 1) * capacity * d].fill(1e4);
+                }
+                Tensor::from_vec(v, (n_kv, capacity, d), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (k_cache, v_cache) = (cache(0.4), cache(2.2));
+            let q = Tensor::from_vec(fill(n_kv * rows * d, 1.7), (n_kv, rows, d), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let mask = CausalMask {
+                n_past: n_keys - n_new,
+                first_key: 0,
+                window: None,
+            };
+            let keys = |c: &Tensor| c.narrow(1, 0, n_keys).unwrap().contiguous().unwrap();
+            let want =
+                fast_causal_attention(&q, &keys(&k_cache), &keys(&v_cache), n_new, 0.2, mask)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+            let qf = to_f32_vec(&q).unwrap();
+            let got =
+                fast_attention_over_cache(&qf, rows, &k_cache, &v_cache, n_keys, n_new, 0.2, mask)
+                    .unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // `want` is rounded to the dtype, `got` is not.
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                assert!(
+                    (g - w).abs() <= tol * (1.0 + w.abs()),
+                    "{dtype:?} [{i}]: {g} vs {w}"
+                );
             }
         }
     }

@@ -39,13 +39,16 @@ pub mod moe_ffn;
 pub mod numerics;
 pub mod pool;
 pub mod q8;
+pub mod rope;
 pub mod shared;
 pub mod tensors;
 #[cfg(test)]
 mod test_util;
 pub mod weights;
 
-pub use attention::{fast_attention_applies, fast_causal_attention, CausalMask};
+pub use attention::{
+    fast_attention_applies, fast_attention_over_cache, fast_causal_attention, CausalMask,
+};
 pub use gemm::{
     has_avx2_fma, matmul_nt_cols, matmul_nt_cols_avx2, matmul_nt_cols_prepared, matmul_nt_into,
     PreparedRows, Sink, StoreSink,
@@ -53,9 +56,10 @@ pub use gemm::{
 pub use gemm_panels::{matmul_nt_panels, Bf16Panels};
 pub use moe_ffn::{grouped_expert_ffn, ExpertSlices};
 pub use numerics::{numerics, set_numerics, Numerics};
+pub use rope::rotate_half_rows_in_place;
 pub use shared::SharedMut;
 pub use tensors::{
     fast_grouped_experts, fast_grouped_experts_in_waves, fast_matmul_nt, fast_matmul_nt_panels,
-    fast_matmul_nt_q8,
+    fast_matmul_nt_q8, from_f32_vec, to_f32_vec,
 };
 pub use weights::WeightElem;

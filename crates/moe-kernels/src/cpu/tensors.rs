@@ -30,7 +30,7 @@ pub(crate) fn slice_of<'g, T: WithDType>(storage: &'g Storage, layout: &Layout) 
 /// A tensor's values as an f32 vector (a copy; activations are small). Contiguous bf16/f32
 /// CPU tensors are widened here on the calling thread (candle's conversion would start a
 /// parallel op for a few thousand elements).
-pub(crate) fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     {
         let (storage, layout) = t.storage_and_layout();
         match t.dtype() {
@@ -51,12 +51,7 @@ pub(crate) fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// An f32 result as a CPU tensor of `dtype` (bf16 rounded here, once per element).
-pub(crate) fn from_f32_vec(
-    v: Vec<f32>,
-    dims: &[usize],
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn from_f32_vec(v: Vec<f32>, dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(match dtype {
         DType::BF16 => {
             let v: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();

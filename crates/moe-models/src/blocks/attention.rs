@@ -6,7 +6,8 @@ use candle_core::{DType, Tensor};
 use moe_core::Result;
 use moe_kernels::cpu::pool::map_each_mut;
 use moe_kernels::cpu::{
-    fast_attention_applies, fast_causal_attention, numerics, CausalMask, Numerics,
+    fast_attention_applies, fast_attention_over_cache, fast_causal_attention, from_f32_vec,
+    numerics, to_f32_vec, CausalMask, Numerics,
 };
 use moe_kernels::{matmul_nn, matmul_nt, softmax_last_dim, SumOrder, WeightDtype};
 use moe_loader::TensorLookup;
@@ -15,6 +16,10 @@ use crate::blocks::linear::Linear;
 use crate::blocks::norm::RmsNorm;
 use crate::blocks::rope::RotaryEmbedding;
 use crate::kv_cache::KvCache;
+
+/// New tokens per sequence up to which a CPU pass attends on host values
+/// ([`Attention::attend_decode_on_host`]).
+const HOST_DECODE_MAX_ROWS: usize = 16;
 
 /// Where q/k normalisation is applied, if anywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +162,10 @@ impl Attention {
             k = k.clamp(-clip, clip)?;
             v = v.clamp(-clip, clip)?;
         }
+        if self.decodes_on_host(&q, slots) {
+            let attended = self.attend_decode_on_host(&q, &k, &v, layer, rope, slots)?;
+            return self.o_proj.forward(&attended);
+        }
         // Each sequence's heads, rope, cache append and attention: independent of the other
         // sequences', so on the CPU the sequences of a batch run in parallel (16 decoding
         // sequences otherwise leave the second core waiting through 256 small attentions per
@@ -191,6 +200,124 @@ impl Attention {
         // [n_tokens, n_heads * head_dim]
         let attended = Tensor::cat(&outputs, 0)?;
         self.o_proj.forward(&attended)
+    }
+
+    /// Whether this pass takes [`Attention::attend_decode_on_host`]: the CPU with the fast
+    /// numerics, bf16 or f32, no sink logits, and every sequence at most
+    /// [`HOST_DECODE_MAX_ROWS`] new tokens (decode steps; a prompt keeps the tensor path, whose
+    /// elementwise ops run in parallel).
+    fn decodes_on_host(&self, q: &Tensor, slots: &[SequenceSlot<'_>]) -> bool {
+        q.device().is_cpu()
+            && matches!(q.dtype(), DType::BF16 | DType::F32)
+            && self.sinks.is_none()
+            && numerics() == Numerics::Fast
+            && slots.iter().all(|s| s.n_rows <= HOST_DECODE_MAX_ROWS)
+    }
+
+    /// The per-sequence part of [`Attention::forward`] on host values, without a tensor op
+    /// per step of each sequence (at 16 decoding sequences those ops cost more than the
+    /// projections): the per-head q/k norms, rope, the cache append (in place) and the
+    /// attention over the cache, the same values as the tensor path up to the attention's
+    /// summation order. `q`, `k`, `v`: `[n_tokens, heads * head_dim]`; returns the attended
+    /// `[n_tokens, n_heads * head_dim]` in `q`'s dtype.
+    fn attend_decode_on_host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        rope: &RotaryEmbedding,
+        slots: &mut [SequenceSlot<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (d, n_kv) = (c.head_dim, c.n_kv_heads);
+        let group = c.n_heads / n_kv;
+        let (dtype, device) = (q.dtype(), q.device());
+        let (q_width, kv_width) = (c.n_heads * d, n_kv * d);
+        let mut q_all = to_f32_vec(q)?;
+        let n_values = q_all.len();
+        let mut k_all = to_f32_vec(k)?;
+        let v_all = to_f32_vec(v)?;
+        if c.qk_norm == QkNorm::PerHead {
+            self.q_norm
+                .as_ref()
+                .expect("loaded")
+                .forward_rows_in_place(&mut q_all)?;
+            self.k_norm
+                .as_ref()
+                .expect("loaded")
+                .forward_rows_in_place(&mut k_all)?;
+        }
+        // Each sequence with its own rows of q, k and v.
+        let mut work = Vec::with_capacity(slots.len());
+        let (mut q_rest, mut k_rest, mut v_rest) = (&mut q_all[..], &mut k_all[..], &v_all[..]);
+        for slot in slots.iter_mut() {
+            let (q_s, q_tail) = std::mem::take(&mut q_rest).split_at_mut(slot.n_rows * q_width);
+            let (k_s, k_tail) = std::mem::take(&mut k_rest).split_at_mut(slot.n_rows * kv_width);
+            let (v_s, v_tail) = v_rest.split_at(slot.n_rows * kv_width);
+            (q_rest, k_rest, v_rest) = (q_tail, k_tail, v_tail);
+            work.push((slot, q_s, k_s, v_s));
+        }
+        let one_sequence = |(slot, q_s, k_s, v_s): &mut (
+            &mut SequenceSlot<'_>,
+            &mut [f32],
+            &mut [f32],
+            &[f32],
+        )|
+         -> Result<Vec<f32>> {
+            let n = slot.n_rows;
+            rope.apply_rows_in_place(q_s, n, d, slot.n_past)?;
+            rope.apply_rows_in_place(k_s, n, d, slot.n_past)?;
+            // [n, heads * d] -> [heads, n, d]
+            let by_head = |rows: &[f32], heads: usize| -> Vec<f32> {
+                let mut out = vec![0f32; rows.len()];
+                for i in 0..n {
+                    for h in 0..heads {
+                        out[(h * n + i) * d..][..d]
+                            .copy_from_slice(&rows[(i * heads + h) * d..][..d]);
+                    }
+                }
+                out
+            };
+            let kv_tensor =
+                |rows: &[f32]| from_f32_vec(by_head(rows, n_kv), &[n_kv, n, d], dtype, device);
+            let held = slot
+                .cache
+                .append_in_place(layer, &kv_tensor(k_s)?, &kv_tensor(v_s)?)?;
+            // Query heads that share a kv head are stacked as rows: [n_kv, group * n, d].
+            let q_heads = by_head(q_s, c.n_heads);
+            let mask = CausalMask {
+                n_past: slot.n_past,
+                first_key: 0,
+                window: c.sliding_window,
+            };
+            let scale = c.softmax_scale as f32;
+            let out = fast_attention_over_cache(
+                &q_heads,
+                group * n,
+                &held.k,
+                &held.v,
+                held.n_keys,
+                n,
+                scale,
+                mask,
+            )?;
+            // [n_heads, n, d] -> [n, n_heads * d]
+            let mut rows = vec![0f32; n * q_width];
+            for h in 0..c.n_heads {
+                for i in 0..n {
+                    rows[(i * c.n_heads + h) * d..][..d]
+                        .copy_from_slice(&out[(h * n + i) * d..][..d]);
+                }
+            }
+            Ok(rows)
+        };
+        let mut attended = Vec::with_capacity(n_values);
+        for rows in map_each_mut(&mut work, one_sequence) {
+            attended.extend_from_slice(&rows?);
+        }
+        let n_tokens = attended.len() / q_width;
+        from_f32_vec(attended, &[n_tokens, q_width], dtype, device)
     }
 
     /// Causal attention of `q` (`[n_heads, n_new, d]`) over `k`, `v` (`[n_kv, n_past + n_new, d]`).

@@ -11,6 +11,8 @@ use moe_loader::TensorLookup;
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    /// The weight as host f32 values, made on first use by the host path.
+    host_weight: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl RmsNorm {
@@ -19,12 +21,27 @@ impl RmsNorm {
         Ok(Self {
             weight: lookup.get(&format!("{name}.weight"), &[size])?,
             eps,
+            host_weight: Default::default(),
         })
     }
 
     /// Normalises `x` (`[..., size]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         moe_kernels::rms_norm(x, &self.weight, self.eps)
+    }
+
+    /// [`RmsNorm::forward`] on host values: every `size`-wide row of `rows` in place, rounded
+    /// to the weight's dtype where the tensor path rounds (the same values, bit for bit).
+    pub fn forward_rows_in_place(&self, rows: &mut [f32]) -> Result<()> {
+        let weight = match self.host_weight.get() {
+            Some(w) => w,
+            None => {
+                let w: Vec<f32> = self.weight.to_dtype(DType::F32)?.to_vec1()?;
+                self.host_weight.get_or_init(|| w)
+            }
+        };
+        moe_kernels::rms_norm_rows_in_place(rows, weight, self.eps, self.weight.dtype());
+        Ok(())
     }
 }
 

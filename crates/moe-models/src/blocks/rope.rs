@@ -389,10 +389,11 @@ impl RotaryEmbedding {
         })
     }
 
-    /// Rotates `x` (`[n_heads, n_tokens, head_dim]`) for consecutive positions starting at
-    /// `start`.
-    pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, n_tokens, _) = x.dims3()?;
+    /// The cos/sin tables of a call at positions `start..start + n_tokens`: an error past
+    /// the context window; a call whose sequence reaches past the original context uses the
+    /// long-range tables for all its positions, as transformers picks the factor from
+    /// `max(position_ids) + 1`.
+    fn tables_for(&self, start: usize, n_tokens: usize) -> Result<(&Tensor, &Tensor)> {
         let max = self.cos.dims()[0];
         if start + n_tokens > max {
             return Err(moe_core::Error::InvalidRequest(format!(
@@ -400,16 +401,36 @@ impl RotaryEmbedding {
                 start + n_tokens - 1
             )));
         }
-        // A call whose sequence reaches past the original context uses the long-range tables
-        // for all its positions, as transformers picks the factor from `max(position_ids) + 1`.
-        let (cos, sin) = match &self.long_range {
+        Ok(match &self.long_range {
             Some(long) if start + n_tokens > long.after => (&long.cos, &long.sin),
             _ => (&self.cos, &self.sin),
-        };
+        })
+    }
+
+    /// Rotates `x` (`[n_heads, n_tokens, head_dim]`) for consecutive positions starting at
+    /// `start`.
+    pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, n_tokens, _) = x.dims3()?;
+        let (cos, sin) = self.tables_for(start, n_tokens)?;
         // [n_tokens, head_dim / 2]
         let cos = cos.narrow(0, start, n_tokens)?;
         let sin = sin.narrow(0, start, n_tokens)?;
         Ok(rotate_half_layout(x, &cos, &sin)?)
+    }
+
+    /// [`RotaryEmbedding::apply`] on host values (CPU tables only): `rows` holds `n_tokens`
+    /// rows at positions `start..start + n_tokens`, each a whole number of `head_dim`-wide
+    /// heads, rotated in place and rounded to the tables' dtype where the tensor path rounds
+    /// (the same values, bit for bit).
+    pub fn apply_rows_in_place(
+        &self,
+        rows: &mut [f32],
+        n_tokens: usize,
+        head_dim: usize,
+        start: usize,
+    ) -> Result<()> {
+        let tables = self.tables_for(start, n_tokens)?;
+        moe_kernels::cpu::rotate_half_rows_in_place(rows, n_tokens, head_dim, start, tables)
     }
 }
 
