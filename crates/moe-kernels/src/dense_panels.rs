@@ -46,12 +46,24 @@ pub struct PanelDense {
 /// and 16 rows 2.3× faster as panels.
 pub const MIN_PANEL_COLUMNS: usize = 16_384;
 
+/// [`MIN_PANEL_COLUMNS`], or the number in `MOE_INFER_PANEL_MIN_COLUMNS` (for measuring
+/// other thresholds; read once).
+fn min_panel_columns() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("MOE_INFER_PANEL_MIN_COLUMNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MIN_PANEL_COLUMNS)
+    })
+}
+
 impl PanelDense {
     /// The panels of a bf16 `[out, in]` CPU matrix, or `None` where they would not be used
     /// (another dtype or device, torch-exact numerics, a CPU without a fast `vdpbf16ps`, an
-    /// odd `in`, fewer than [`MIN_PANEL_COLUMNS`] outputs).
+    /// odd `in`, fewer than [`MIN_PANEL_COLUMNS`] outputs, or `MOE_INFER_PANEL_MIN_COLUMNS`).
     pub fn pack(weight: &Tensor) -> Result<Option<Self>> {
-        if weight.rank() != 2 || weight.dim(0)? < MIN_PANEL_COLUMNS {
+        if weight.rank() != 2 || weight.dim(0)? < min_panel_columns() {
             return Ok(None);
         }
         Self::pack_any_size(weight)
