@@ -109,26 +109,13 @@ mod tests {
             let x2 = x.narrow(D::Minus1, half, half).unwrap();
             let first = (x1.broadcast_mul(&c).unwrap() - x2.broadcast_mul(&s).unwrap()).unwrap();
             let second = (x2.broadcast_mul(&c).unwrap() + x1.broadcast_mul(&s).unwrap()).unwrap();
-            let want: Vec<f32> = Tensor::cat(&[first, second], D::Minus1)
-                .unwrap()
-                .transpose(0, 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            // The same values as host rows [n_rows, n_heads * d].
-            let mut rows: Vec<f32> = x
-                .transpose(0, 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            // [n_heads, n_rows, d] as host rows [n_rows, n_heads * d].
+            let host_rows = |t: &Tensor| -> Vec<f32> {
+                let t = t.transpose(0, 1).unwrap().flatten_all().unwrap();
+                t.to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+            };
+            let want = host_rows(&Tensor::cat(&[first, second], D::Minus1).unwrap());
+            let mut rows = host_rows(&x);
             rotate_half_rows_in_place(&mut rows, n_rows, 2 * half, start, (&cos, &sin)).unwrap();
             for (i, (g, w)) in rows.iter().zip(&want).enumerate() {
                 assert_eq!(
