@@ -88,8 +88,9 @@ mod tests {
         // Quantization moved each weight by at most half a step of its row (a step is the
         // row's largest magnitude / 127).
         let err = (&deq - &w).unwrap().abs().unwrap().max_keepdim(1).unwrap();
-        let step = (w.abs().unwrap().max_keepdim(1).unwrap() / 127.0).unwrap();
-        let over = (err - (step * 0.5 * (1.0 + 1e-5)).unwrap()).unwrap();
+        let half_step = w.abs().unwrap().max_keepdim(1).unwrap();
+        let half_step = half_step.affine(0.5 * (1.0 + 1e-5) / 127.0, 0.0).unwrap();
+        let over = (err - half_step).unwrap();
         assert!(over.max_all().unwrap().to_scalar::<f32>().unwrap() <= 0.0);
         for rows in [1, 5, 40] {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev).unwrap();
