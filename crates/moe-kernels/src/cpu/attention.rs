@@ -82,13 +82,38 @@ fn blocked_attention(
     mask: CausalMask,
     block_bytes: usize,
 ) -> Result<Tensor> {
-    match k.dtype() {
-        DType::BF16 => attention_typed::<bf16>(q, k, v, n_new, scale, mask, block_bytes),
-        DType::F32 => attention_typed::<f32>(q, k, v, n_new, scale, mask, block_bytes),
-        dt => Err(Error::InvalidRequest(format!(
-            "fast attention: a kv cache in {dt:?}"
-        ))),
+    let (n_kv, rows, d) = q.dims3()?;
+    let n_keys = k.dim(1)?;
+    if k.dims3()? != (n_kv, n_keys, d)
+        || v.dims3()? != (n_kv, n_keys, d)
+        || n_new == 0
+        || !rows.is_multiple_of(n_new)
+    {
+        return Err(Error::InvalidRequest(format!(
+            "fast attention: q {:?}, k {:?}, v {:?} with {n_new} new tokens do not match",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
     }
+    let shape = AttentionShape {
+        n_kv,
+        rows,
+        d,
+        n_new,
+    };
+    // Contiguous keys and values are a cache whose capacity is its keys.
+    let caches = (&k.contiguous()?, &v.contiguous()?);
+    let out = attend_cache(
+        &to_f32_vec(q)?,
+        shape,
+        caches,
+        n_keys,
+        scale,
+        mask,
+        block_bytes,
+    )?;
+    from_f32_vec(out, &[n_kv, rows, d], q.dtype(), q.device())
 }
 
 /// Bytes of f32 scores one block of query rows may take (rows are processed in blocks).
@@ -100,55 +125,6 @@ const SERIAL_SOFTMAX_MAX: usize = 1 << 14;
 thread_local! {
     /// Per-thread row buffer of the softmax (no allocation per row).
     static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attention_typed<W: WeightElem + WithDType>(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    n_new: usize,
-    scale: f32,
-    mask: CausalMask,
-    block_bytes: usize,
-) -> Result<Tensor> {
-    let (n_kv, rows, d) = q.dims3()?;
-    let n_keys = k.dim(1)?;
-    if k.dims3()? != (n_kv, n_keys, d)
-        || v.dims3()? != (n_kv, n_keys, d)
-        || n_new == 0
-        || rows % n_new != 0
-    {
-        return Err(Error::InvalidRequest(format!(
-            "fast attention: q {:?}, k {:?}, v {:?} with {n_new} new tokens do not match",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        )));
-    }
-    let qf = to_f32_vec(q)?;
-    let (k, v) = (k.contiguous()?, v.contiguous()?);
-    let (k_storage, k_layout) = k.storage_and_layout();
-    let (v_storage, v_layout) = v.storage_and_layout();
-    let not_cpu = || Error::InvalidRequest("fast attention: kv cache not on the CPU".into());
-    let keys = KvHeads {
-        data: slice_of::<W>(&k_storage, k_layout).ok_or_else(not_cpu)?,
-        head_stride: n_keys * d,
-        n_keys,
-    };
-    let values = KvHeads {
-        data: slice_of::<W>(&v_storage, v_layout).ok_or_else(not_cpu)?,
-        head_stride: n_keys * d,
-        n_keys,
-    };
-    let shape = AttentionShape {
-        n_kv,
-        rows,
-        d,
-        n_new,
-    };
-    let out = attention_core(&qf, shape, keys, values, scale, mask, block_bytes);
-    from_f32_vec(out, &[n_kv, rows, d], q.dtype(), q.device())
 }
 
 /// [`fast_causal_attention`] over a kv cache kept with room to grow: `k_cache`, `v_cache`
@@ -168,7 +144,6 @@ pub fn fast_attention_over_cache(
 ) -> Result<Vec<f32>> {
     let (n_kv, capacity, d) = k_cache.dims3()?;
     if v_cache.dims3()? != (n_kv, capacity, d)
-        || k_cache.dtype() != v_cache.dtype()
         || n_keys > capacity
         || n_new == 0
         || !rows.is_multiple_of(n_new)
@@ -188,29 +163,40 @@ pub fn fast_attention_over_cache(
         d,
         n_new,
     };
+    let caches = (k_cache, v_cache);
+    attend_cache(q, shape, caches, n_keys, scale, mask, SCORE_BLOCK_BYTES)
+}
+
+/// The attention of f32 `q` over the first `n_keys` positions of contiguous
+/// `[n_kv, capacity, d]` caches (shapes checked by the callers), read in place in their dtype.
+fn attend_cache(
+    q: &[f32],
+    shape: AttentionShape,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    n_keys: usize,
+    scale: f32,
+    mask: CausalMask,
+    block_bytes: usize,
+) -> Result<Vec<f32>> {
     fn typed<W: WeightElem + WithDType>(
         q: &[f32],
         shape: AttentionShape,
         (k_cache, v_cache): (&Tensor, &Tensor),
         n_keys: usize,
-        scale: f32,
-        mask: CausalMask,
+        (scale, mask, block_bytes): (f32, CausalMask, usize),
     ) -> Result<Vec<f32>> {
         let (k_storage, k_layout) = k_cache.storage_and_layout();
         let (v_storage, v_layout) = v_cache.storage_and_layout();
         let not_cpu =
             || Error::InvalidRequest("fast attention: kv cache not contiguous on the CPU".into());
         let head_stride = k_cache.dim(1)? * shape.d;
-        let keys = KvHeads {
-            data: slice_of::<W>(&k_storage, k_layout).ok_or_else(not_cpu)?,
+        let heads = |data| KvHeads {
+            data,
             head_stride,
             n_keys,
         };
-        let values = KvHeads {
-            data: slice_of::<W>(&v_storage, v_layout).ok_or_else(not_cpu)?,
-            head_stride,
-            n_keys,
-        };
+        let keys = heads(slice_of::<W>(&k_storage, k_layout).ok_or_else(not_cpu)?);
+        let values = heads(slice_of::<W>(&v_storage, v_layout).ok_or_else(not_cpu)?);
         Ok(attention_core(
             q,
             shape,
@@ -218,15 +204,16 @@ pub fn fast_attention_over_cache(
             values,
             scale,
             mask,
-            SCORE_BLOCK_BYTES,
+            block_bytes,
         ))
     }
     let caches = (k_cache, v_cache);
-    match k_cache.dtype() {
-        DType::BF16 => typed::<bf16>(q, shape, caches, n_keys, scale, mask),
-        DType::F32 => typed::<f32>(q, shape, caches, n_keys, scale, mask),
-        dt => Err(Error::InvalidRequest(format!(
-            "fast attention: a kv cache in {dt:?}"
+    let params = (scale, mask, block_bytes);
+    match (k_cache.dtype(), v_cache.dtype()) {
+        (DType::BF16, DType::BF16) => typed::<bf16>(q, shape, caches, n_keys, params),
+        (DType::F32, DType::F32) => typed::<f32>(q, shape, caches, n_keys, params),
+        (k, v) => Err(Error::InvalidRequest(format!(
+            "fast attention: a kv cache in {k:?} / {v:?}"
         ))),
     }
 }
@@ -260,7 +247,7 @@ impl<W> KvHeads<'_, W> {
 /// Query blocks of at most this many rows (a decode step) take the scores and the P·V product
 /// directly, one key or value row at a time for all the rows, on the calling thread; larger
 /// blocks use the GEMM kernels (and transpose `v` once per head for them).
-const DIRECT_PV_MAX_ROWS: usize = 32;
+const DIRECT_MAX_ROWS: usize = 32;
 
 /// The attention itself, on host slices: `q` f32 `[n_kv, rows, d]`; returns f32
 /// `[n_kv, rows, d]`.
@@ -300,7 +287,7 @@ fn attention_core<W: WeightElem + WithDType>(
             let n_rows = block.min(rows - r0);
             let blk = &mut scores[..n_rows * kp];
             let first = (h * rows + r0) * d;
-            let direct = n_rows <= DIRECT_PV_MAX_ROWS;
+            let direct = n_rows <= DIRECT_MAX_ROWS;
             // 1. Scores, row stride kp.
             if direct {
                 query_key_scores(&qf[first..first + n_rows * d], kh, n_keys, d, kp, blk);
