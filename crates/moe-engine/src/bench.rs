@@ -45,6 +45,9 @@ pub struct BenchConfig {
     /// A known memory bandwidth (GB/s) to use for the roofline instead of the probe's (on a
     /// busy machine the probe reads low).
     pub bandwidth_gb_per_s: Option<f64>,
+    /// Time the forward pass's stages during the decode measurements (see
+    /// [`moe_models::stage_times`]) and report milliseconds per step.
+    pub stage_times: bool,
 }
 
 impl Default for BenchConfig {
@@ -60,6 +63,7 @@ impl Default for BenchConfig {
             bandwidth_probe_bytes: 1 << 30,
             bandwidth_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             bandwidth_gb_per_s: None,
+            stage_times: false,
         }
     }
 }
@@ -164,6 +168,22 @@ pub struct DecodeResult {
     pub aggregate_tokens_per_second: Stat,
     /// Generated tokens per second of one sequence.
     pub per_sequence_tokens_per_second: Stat,
+    /// Where a step's time went, with [`BenchConfig::stage_times`].
+    pub stage_ms_per_step: Option<StageMsPerStep>,
+}
+
+/// Milliseconds per forward call of a decode measurement (its prompts' prefill included, one
+/// call of the `decode_tokens` per sequence), by stage, over all its repetitions.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageMsPerStep {
+    /// Attention norms, projections and attention, all layers.
+    pub attention: f64,
+    /// Feed-forward norms, routers and experts, all layers.
+    pub feed_forward: f64,
+    /// Final norm and lm head.
+    pub lm_head: f64,
+    /// The rest of the wall-clock time (embedding, sampling, scheduling).
+    pub other: f64,
 }
 
 /// Memory use of the process, from `/proc/self/status` (absent elsewhere).
@@ -314,6 +334,9 @@ pub fn run_bench(
     for &n in &config.concurrency {
         let before = snapshot();
         let (mut aggregate, mut per_seq) = (Vec::new(), Vec::new());
+        moe_models::stage_times::set_enabled(config.stage_times);
+        moe_models::stage_times::take();
+        let timed_from = Instant::now();
         for rep in 0..config.repetitions {
             progress(&format!(
                 "decode {n} sequence(s) x {} tokens, repetition {}/{}",
@@ -329,7 +352,21 @@ pub fn run_bench(
             aggregate.push(agg);
             per_seq.push(seq);
         }
+        moe_models::stage_times::set_enabled(false);
+        let stage_ms_per_step = config.stage_times.then(|| {
+            let t = moe_models::stage_times::take();
+            let calls = (config.repetitions * config.decode_tokens) as f64;
+            let ms = |s: f64| s * 1e3 / calls;
+            let total = timed_from.elapsed().as_secs_f64();
+            StageMsPerStep {
+                attention: ms(t.attention),
+                feed_forward: ms(t.feed_forward),
+                lm_head: ms(t.lm_head),
+                other: ms((total - t.attention - t.feed_forward - t.lm_head).max(0.0)),
+            }
+        });
         decode.push(DecodeResult {
+            stage_ms_per_step,
             concurrency: n,
             expert_cache: phase(&before),
             decode_steps: config.decode_tokens - 1,

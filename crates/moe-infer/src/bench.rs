@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Skip the untimed warm-up generation.
     #[arg(long)]
     no_warmup: bool,
+    /// Also time attention, feed-forward and lm head during the decode measurements and print
+    /// milliseconds per step of each.
+    #[arg(long)]
+    stage_times: bool,
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -77,6 +81,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         bandwidth_probe_bytes: args.bandwidth_mib << 20,
         bandwidth_threads,
         bandwidth_gb_per_s: args.bandwidth_gb_s,
+        stage_times: args.stage_times,
     };
     let engine = args.model.load(!args.json)?;
     let quiet = args.json;
@@ -149,6 +154,12 @@ fn format_table(r: &BenchReport) -> String {
             stat_cell(&d.per_sequence_tokens_per_second, 2),
             phase_cache_cell(&d.expert_cache)
         ));
+        if let Some(t) = &d.stage_ms_per_step {
+            line(format!(
+                "{:<28} attention {:.2}, feed-forward {:.2}, lm head {:.2}, other {:.2} ms per step",
+                "", t.attention, t.feed_forward, t.lm_head, t.other
+            ));
+        }
     }
     line(String::new());
     let roof = &r.roofline;

@@ -79,6 +79,10 @@ fn json_report_is_filled_and_plot_is_svg() {
     let peak = report["memory"]["peak_rss_bytes"].as_u64().unwrap();
     assert!(peak >= report["memory"]["rss_after_load_bytes"].as_u64().unwrap());
     assert!(report["expert_cache"].is_null());
+    assert!(
+        decode[0]["stage_ms_per_step"].is_null(),
+        "off without --stage-times"
+    );
 
     let svg = std::fs::read_to_string(&plot).unwrap();
     let doc = roxmltree::Document::parse(&svg).expect("the plot parses as XML");
@@ -142,4 +146,33 @@ fn q8_experts_are_reported_and_counted_as_int8() {
     let out = bench("1", &["--expert-dtype", "q8"]);
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.contains("experts q8"), "{table}");
+}
+
+#[test]
+fn stage_times_split_each_decode_step() {
+    let report = json_of(&bench("3", &["--json", "--stage-times"]));
+    for d in report["decode"].as_array().unwrap() {
+        let t = &d["stage_ms_per_step"];
+        for k in ["attention", "feed_forward", "lm_head"] {
+            assert!(t[k].as_f64().unwrap() > 0.0, "{k}: {t}");
+        }
+        assert!(t["other"].as_f64().unwrap() >= 0.0, "{t}");
+        // The stages fit in a step (the average call includes the prompts' prefill, hence
+        // the slack): the slowest repetition's step time bounds their sum.
+        let per_step_ms = 1e3 / d["per_sequence_tokens_per_second"]["min"].as_f64().unwrap();
+        let stages: f64 = ["attention", "feed_forward", "lm_head"]
+            .iter()
+            .map(|k| t[*k].as_f64().unwrap())
+            .sum();
+        assert!(
+            stages <= per_step_ms * 3.0,
+            "{stages} ms of stages vs a {per_step_ms} ms step"
+        );
+    }
+    let out = bench("1", &["--stage-times"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("ms per step") && table.contains("lm head"),
+        "{table}"
+    );
 }

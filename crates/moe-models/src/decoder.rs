@@ -24,6 +24,7 @@ use crate::blocks::rope::RotaryEmbedding;
 use crate::experts::{ExpertLayerLayout, ExpertLayout, ExpertNames, ExpertSource, ResidentExperts};
 use crate::hparams::{DecoderHParams, LoadOptions};
 use crate::kv_cache::KvCache;
+use crate::stage_times::{timed, Stage};
 use crate::summary::ModelSummary;
 
 pub use crate::blocks::moe::RoutingObserver;
@@ -597,26 +598,30 @@ impl DecoderModel {
             row_start += n_rows;
         }
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            let attn_out = layer.attention.forward(
-                &layer.attn_norm.forward(&x)?,
-                layer_idx,
-                &self.rope,
-                &mut slots,
-            )?;
+            let attn_out = timed(Stage::Attention, || {
+                layer.attention.forward(
+                    &layer.attn_norm.forward(&x)?,
+                    layer_idx,
+                    &self.rope,
+                    &mut slots,
+                )
+            })?;
             x = (x + scaled(attn_out)?)?;
             if self.experts.wants_prefetch() {
                 self.prefetch_next_layer(layer_idx, &x)?;
             }
-            let normed = layer.ffn_norm.forward(&x)?;
-            let ffn_out = match &layer.ffn {
-                FeedForward::Dense(mlp) => mlp.forward(&normed)?,
-                FeedForward::Sparse(moe) => moe.forward(
-                    &normed,
-                    ctx.observer
-                        .as_mut()
-                        .map(|o| &mut **o as &mut dyn RoutingObserver),
-                )?,
-            };
+            let ffn_out = timed(Stage::FeedForward, || {
+                let normed = layer.ffn_norm.forward(&x)?;
+                match &layer.ffn {
+                    FeedForward::Dense(mlp) => mlp.forward(&normed),
+                    FeedForward::Sparse(moe) => moe.forward(
+                        &normed,
+                        ctx.observer
+                            .as_mut()
+                            .map(|o| &mut **o as &mut dyn RoutingObserver),
+                    ),
+                }
+            })?;
             x = (x + scaled(ffn_out)?)?;
         }
         for slot in slots.iter_mut() {
@@ -627,9 +632,10 @@ impl DecoderModel {
             .map(|&(start, n)| x.narrow(0, start, n))
             .collect::<candle_core::Result<_>>()?;
         // [n_wanted_total, vocab]
-        let logits = self
-            .lm_head
-            .forward(&self.final_norm.forward(&Tensor::cat(&picked, 0)?)?)?;
+        let logits = timed(Stage::LmHead, || {
+            self.lm_head
+                .forward(&self.final_norm.forward(&Tensor::cat(&picked, 0)?)?)
+        })?;
         // Divided (not multiplied by the reciprocal), as transformers does.
         let logits = if m.logits_divisor != 1.0 {
             let divisor = Tensor::new(m.logits_divisor as f32, device)?.to_dtype(logits.dtype())?;

@@ -14,6 +14,7 @@ pub mod hparams;
 pub mod kv_cache;
 pub mod load;
 pub mod mxfp4;
+pub mod stage_times;
 pub mod summary;
 
 pub use arch::{find_architecture, supported_architectures, Architecture, ARCHITECTURES};

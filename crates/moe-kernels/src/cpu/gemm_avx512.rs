@@ -28,6 +28,24 @@ use super::weights::WeightElem;
 /// Weights per step (one 512-bit load of bf16).
 pub const STEP: usize = 32;
 
+/// How far ahead of the weights it is reading a few-rows tile asks for the next ones
+/// ([`prefetch_ahead`]). A decode step reads many small matrices (an expert's 256 KiB, an
+/// attention projection's 256 KiB to 2 MiB) each once: the hardware prefetcher starts late on
+/// every new stream, and asking 16 cache lines ahead measured +6 to +18 % batch-1 and +12 %
+/// 16-sequence int8 decode on the bench model (Zen 4, 2 threads).
+pub(crate) const PREFETCH_AHEAD_BYTES: usize = 1024;
+
+/// Hints the cache line [`PREFETCH_AHEAD_BYTES`] past `p` into L1. A hint never faults, so it
+/// may point past the end of the weights.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_ahead(p: *const u8) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // SAFETY: prefetch is a hint: it reads nothing architecturally and cannot fault, whatever
+    // the address (`wrapping_add` keeps the pointer arithmetic itself defined).
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD_BYTES) as *const i8) };
+}
+
 /// Whether the AVX-512 tiles run here: the CPU has AVX-512 F and BW and the user did not set
 /// `MOE_INFER_NO_AVX512` (checked once; the choice is logged once).
 pub fn use_avx512() -> bool {

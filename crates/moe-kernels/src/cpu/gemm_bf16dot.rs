@@ -32,7 +32,7 @@ use std::sync::OnceLock;
 use half::bf16;
 
 use super::gemm::Sink;
-use super::gemm_avx512::{tiles, RowTile, STEP};
+use super::gemm_avx512::{prefetch_ahead, tiles, RowTile, STEP};
 
 /// Whether this CPU can run the bf16 dot kernels: AVX-512 is in use and the CPU has
 /// AVX512-BF16 (whether they pay is [`use_bf16_dot`]'s question).
@@ -437,6 +437,9 @@ impl RowTile for Bf16Dot {
                 let mut acc = [[_mm512_setzero_ps(); 2]; R];
                 let mut p = 0;
                 while p + 2 * STEP <= k {
+                    // two cache lines of weights per step (2 × 32 bf16)
+                    prefetch_ahead(wr.add(p) as *const u8);
+                    prefetch_ahead(wr.add(p + STEP) as *const u8);
                     let (w0, w1) = (load(wr.add(p)), load(wr.add(p + STEP)));
                     for (i, a) in acc.iter_mut().enumerate() {
                         a[0] = _mm512_dpbf16_ps(a[0], load(x.add(i * k + p)), w0);

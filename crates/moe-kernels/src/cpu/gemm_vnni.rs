@@ -22,7 +22,7 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::gemm::Sink;
-use super::gemm_avx512::{tiles, RowTile, STEP};
+use super::gemm_avx512::{prefetch_ahead, tiles, RowTile, STEP};
 
 /// Whether the VNNI kernel runs here: AVX-512 is in use, the CPU has AVX512-VNNI and the
 /// user did not set `MOE_INFER_NO_VNNI` (checked once; said once when turned off).
@@ -160,6 +160,8 @@ impl RowTile for I16Dot {
                     // two chains of int32 sums per row of x
                     let mut acc = [[_mm512_setzero_si512(); 2]; R];
                     while p + 2 * STEP <= end {
+                        // one cache line of weights per step (2 × 32 int8)
+                        prefetch_ahead(wr.add(p) as *const u8);
                         let (w0, w1) = (widen(wr.add(p)), widen(wr.add(p + STEP)));
                         for (i, a) in acc.iter_mut().enumerate() {
                             let xi = x.add(i * k + p);

@@ -1,0 +1,87 @@
+//! Opt-in wall-clock totals of the forward pass's stages (attention, feed-forward, lm head),
+//! for profiling where a decode step goes: `moe-infer bench --stage-times` turns them on and
+//! prints milliseconds per step next to each decode measurement.
+//!
+//! Off by default; when off a stage costs one relaxed atomic load. The totals are process-wide
+//! (every model and thread adds to them), so read them around one measurement at a time.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+/// A timed stage of [`crate::DecoderModel::forward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Attention norm, projections, rope, cache and attention proper, all layers.
+    Attention,
+    /// Feed-forward norm, routing and the expert (or dense) MLPs, all layers.
+    FeedForward,
+    /// Final norm and the lm head.
+    LmHead,
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static NANOS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Seconds spent in each stage since the last [`take`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageSeconds {
+    /// [`Stage::Attention`].
+    pub attention: f64,
+    /// [`Stage::FeedForward`].
+    pub feed_forward: f64,
+    /// [`Stage::LmHead`].
+    pub lm_head: f64,
+}
+
+/// Turns the timers on or off.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the timers are on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Returns the totals and sets them back to zero.
+pub fn take() -> StageSeconds {
+    let secs = |s: Stage| NANOS[s as usize].swap(0, Ordering::Relaxed) as f64 * 1e-9;
+    StageSeconds {
+        attention: secs(Stage::Attention),
+        feed_forward: secs(Stage::FeedForward),
+        lm_head: secs(Stage::LmHead),
+    }
+}
+
+/// Runs `f`, adding its wall-clock time to `stage` when the timers are on.
+pub(crate) fn timed<T>(stage: Stage, f: impl FnOnce() -> T) -> T {
+    if !enabled() {
+        return f();
+    }
+    let start = Instant::now();
+    let out = f();
+    NANOS[stage as usize].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_accumulate_only_when_enabled() {
+        set_enabled(false);
+        take();
+        timed(Stage::LmHead, || {
+            std::thread::sleep(std::time::Duration::from_millis(2))
+        });
+        assert_eq!(take().lm_head, 0.0, "off: nothing is added");
+        set_enabled(true);
+        timed(Stage::LmHead, || {
+            std::thread::sleep(std::time::Duration::from_millis(2))
+        });
+        let t = take();
+        set_enabled(false);
+        assert!(t.lm_head >= 0.002, "{t:?}");
+    }
+}
