@@ -31,7 +31,7 @@ pub const STEP: usize = 32;
 /// How far ahead of the weights it is reading a few-rows tile asks for the next ones
 /// ([`prefetch_ahead`]). A decode step reads many small matrices (an expert's 256 KiB, an
 /// attention projection's 256 KiB to 2 MiB) each once: the hardware prefetcher starts late on
-/// every new stream. On the bench model (Zen 4, 2 threads, alternated runs) asking 16 cache
+/// every new stream. On the bench model (a 2-core Sapphire Rapids Xeon, alternated runs) asking 16 cache
 /// lines ahead measured +13 % batch-1 and +15 % 16-sequence int8 decode over none, 32 lines
 /// another +3 %, 64 lines no more; bf16 decode, already at the bandwidth, did not move.
 pub(crate) const PREFETCH_AHEAD_BYTES: usize = 2048;
