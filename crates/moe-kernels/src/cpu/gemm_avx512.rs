@@ -31,9 +31,10 @@ pub const STEP: usize = 32;
 /// How far ahead of the weights it is reading a few-rows tile asks for the next ones
 /// ([`prefetch_ahead`]). A decode step reads many small matrices (an expert's 256 KiB, an
 /// attention projection's 256 KiB to 2 MiB) each once: the hardware prefetcher starts late on
-/// every new stream. On the bench model (a 2-core Sapphire Rapids Xeon, alternated runs) asking 16 cache
-/// lines ahead measured +13 % batch-1 and +15 % 16-sequence int8 decode over none, 32 lines
-/// another +3 %, 64 lines no more; bf16 decode, already at the bandwidth, did not move.
+/// every new stream. On the bench model (a 2-core Sapphire Rapids Xeon, alternated runs)
+/// asking 16 cache lines ahead measured +13 % batch-1 and +15 % 16-sequence int8 decode over
+/// none, 32 lines another +3 %, 64 lines no more; bf16 decode, already at the bandwidth, did
+/// not move.
 pub(crate) const PREFETCH_AHEAD_BYTES: usize = 2048;
 
 /// Hints the cache line [`PREFETCH_AHEAD_BYTES`] past `p` into L1. A hint never faults, so it
