@@ -31,7 +31,7 @@ mkdir -p "$out"
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}" cargo build --release -q -p moe-infer
 bin="${CARGO_TARGET_DIR:-target}/release/moe-infer"
 benches/scripts/peer_llamacpp.sh build >&2
-benches/scripts/peer_llamacpp.sh convert "$model" >&2
+benches/scripts/peer_llamacpp.sh convert "$model" "$llama_types" >&2
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 for d in ${ours_dtypes//,/ }; do
