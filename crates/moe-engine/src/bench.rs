@@ -334,8 +334,9 @@ pub fn run_bench(
     for &n in &config.concurrency {
         let before = snapshot();
         let (mut aggregate, mut per_seq) = (Vec::new(), Vec::new());
-        moe_models::stage_times::set_enabled(config.stage_times);
-        moe_models::stage_times::take();
+        let timing = config
+            .stage_times
+            .then(moe_models::stage_times::Timing::start);
         let timed_from = Instant::now();
         for rep in 0..config.repetitions {
             progress(&format!(
@@ -352,9 +353,8 @@ pub fn run_bench(
             aggregate.push(agg);
             per_seq.push(seq);
         }
-        moe_models::stage_times::set_enabled(false);
-        let stage_ms_per_step = config.stage_times.then(|| {
-            let t = moe_models::stage_times::take();
+        let stage_ms_per_step = timing.map(|timing| {
+            let t = timing.finish();
             let calls = (config.repetitions * config.decode_tokens) as f64;
             let ms = |s: f64| s * 1e3 / calls;
             let total = timed_from.elapsed().as_secs_f64();

@@ -53,6 +53,32 @@ pub fn take() -> StageSeconds {
     }
 }
 
+/// The timers on from [`Timing::start`] until [`Timing::finish`] or a drop (so an early return
+/// with an error turns them off too).
+#[derive(Debug)]
+pub struct Timing(());
+
+impl Timing {
+    /// Sets the totals to zero and turns the timers on.
+    pub fn start() -> Self {
+        take();
+        set_enabled(true);
+        Self(())
+    }
+
+    /// Turns the timers off and returns the totals since [`Timing::start`].
+    pub fn finish(self) -> StageSeconds {
+        set_enabled(false);
+        take()
+    }
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        set_enabled(false);
+    }
+}
+
 /// Runs `f`, adding its wall-clock time to `stage` when the timers are on.
 pub(crate) fn timed<T>(stage: Stage, f: impl FnOnce() -> T) -> T {
     if !enabled() {
@@ -76,12 +102,14 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(2))
         });
         assert_eq!(take().lm_head, 0.0, "off: nothing is added");
-        set_enabled(true);
+        let timing = Timing::start();
         timed(Stage::LmHead, || {
             std::thread::sleep(std::time::Duration::from_millis(2))
         });
-        let t = take();
-        set_enabled(false);
+        let t = timing.finish();
+        assert!(!enabled(), "finish turns the timers off");
         assert!(t.lm_head >= 0.002, "{t:?}");
+        drop(Timing::start());
+        assert!(!enabled(), "so does a drop");
     }
 }

@@ -430,7 +430,7 @@ impl RowTile for Bf16Dot {
         // <= k` or `p + STEP <= k` in the vector loops, `q < k` in the tail).
         unsafe {
             // One weight row after the other, each read front to back: a single sequential
-            // stream, which the hardware prefetcher follows (see the module notes).
+            // stream, asked for ahead of the loads ([`prefetch_ahead`]).
             for j in 0..C {
                 let wr = w.add(j * k);
                 // two chains of sums per row of x
