@@ -9,8 +9,9 @@
 //!   two integer ops and two FMAs per row of `x` (bf16 weights on CPUs with AVX512-BF16 take
 //!   [`super::gemm_bf16dot`]'s one-instruction step instead, through the same [`tiles`] loop);
 //! - the weight rows of a tile are read one after the other, each front to back, so the
-//!   weights are one sequential stream the hardware prefetcher follows; the few rows of `x`
-//!   (L1-resident) are reread for every weight row. Reading the tile's rows side by side, one
+//!   weights are one sequential stream, asked for [`PREFETCH_AHEAD_BYTES`] ahead (the
+//!   hardware prefetcher restarts late on each of a step's many small matrices); the few rows
+//!   of `x` (L1-resident) are reread for every weight row. Reading the tile's rows side by side, one
 //!   cache line of each per step with the next tile prefetched by hand, reached about half
 //!   the bandwidth of a plain read on the 2-core AMD EPYC (Zen 4) of this project's machines;
 //!   the sequential order reaches 0.9–1.15 of it there (bf16, k = 1024, the bench model's
@@ -33,8 +34,8 @@ pub const STEP: usize = 32;
 /// attention projection's 256 KiB to 2 MiB) each once: the hardware prefetcher starts late on
 /// every new stream. On the bench model (a 2-core Sapphire Rapids Xeon, alternated runs)
 /// asking 16 cache lines ahead measured +13 % batch-1 and +15 % 16-sequence int8 decode over
-/// none, 32 lines another +3 %, 64 lines no more; bf16 decode, already at the bandwidth, did
-/// not move.
+/// none, 32 lines another +3 %, 64 lines no more. In the widening tile (bf16 there) 32 lines
+/// measured +2–12 % batch-1 and +9–11 % 16-sequence decode over none.
 pub(crate) const PREFETCH_AHEAD_BYTES: usize = 2048;
 
 /// Hints the cache line [`PREFETCH_AHEAD_BYTES`] past `p` into L1. A hint never faults, so it
@@ -219,12 +220,17 @@ impl<W: WeightElem> RowTile for WidenFma<W> {
         // in the vector loop, `q < k` in the tail).
         unsafe {
             // One weight row after the other, each read front to back: a single sequential
-            // stream, which the hardware prefetcher follows (see the module notes).
+            // stream, asked for ahead of the loads ([`prefetch_ahead`]), a line at a time.
+            let step_bytes = STEP * std::mem::size_of::<W>();
             for j in 0..C {
                 let wr = w.add(j * k);
                 let mut acc = [[_mm512_setzero_ps(); 2]; R];
                 let mut p = 0;
                 while p + STEP <= k {
+                    let step_start = wr.add(p) as *const u8;
+                    for line in (0..step_bytes).step_by(64) {
+                        prefetch_ahead(step_start.wrapping_add(line));
+                    }
                     let (w0, w1) = W::load32_split(wr.add(p));
                     for (i, a) in acc.iter_mut().enumerate() {
                         let xi = x.add(i * k + p);
