@@ -172,8 +172,8 @@ pub struct DecodeResult {
     pub stage_ms_per_step: Option<StageMsPerStep>,
 }
 
-/// Milliseconds per forward call of a decode measurement (its prompts' prefill included, one
-/// call of the `decode_tokens` per sequence), by stage, over all its repetitions.
+/// Milliseconds per decode step of a decode measurement (its prompts' prefill left out), by
+/// stage, over all its repetitions.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageMsPerStep {
     /// Attention norms, projections and attention, all layers.
@@ -337,7 +337,7 @@ pub fn run_bench(
         let timing = config
             .stage_times
             .then(moe_models::stage_times::Timing::start);
-        let timed_from = Instant::now();
+        let mut decode_seconds = 0.0;
         for rep in 0..config.repetitions {
             progress(&format!(
                 "decode {n} sequence(s) x {} tokens, repetition {}/{}",
@@ -350,14 +350,15 @@ pub fn run_bench(
                 .collect();
             let responses = engine.generate_batch(&reqs)?;
             let (agg, seq) = decode_rates(&responses);
+            decode_seconds += decode_wall_seconds(&responses);
             aggregate.push(agg);
             per_seq.push(seq);
         }
         let stage_ms_per_step = timing.map(|timing| {
             let t = timing.finish();
-            let calls = (config.repetitions * config.decode_tokens) as f64;
-            let ms = |s: f64| s * 1e3 / calls;
-            let total = timed_from.elapsed().as_secs_f64();
+            let steps = (config.repetitions * (config.decode_tokens - 1)).max(1) as f64;
+            let ms = |s: f64| s * 1e3 / steps;
+            let total = decode_seconds;
             StageMsPerStep {
                 attention: ms(t.attention),
                 feed_forward: ms(t.feed_forward),
@@ -445,15 +446,20 @@ pub fn run_bench(
 }
 
 /// Aggregate (all sequences) and median per-sequence decode tokens per second of one batch.
+/// Wall-clock seconds of a batch's decode steps: its longest sequence's (they start together).
+fn decode_wall_seconds(responses: &[GenerateResponse]) -> f64 {
+    responses
+        .iter()
+        .map(|r| r.timings.decode_seconds)
+        .fold(0.0, f64::max)
+}
+
 fn decode_rates(responses: &[GenerateResponse]) -> (f64, f64) {
     let steps: usize = responses
         .iter()
         .map(|r| r.timings.generated_tokens.saturating_sub(1))
         .sum();
-    let seconds = responses
-        .iter()
-        .map(|r| r.timings.decode_seconds)
-        .fold(0.0, f64::max);
+    let seconds = decode_wall_seconds(responses);
     let aggregate = if seconds > 0.0 {
         steps as f64 / seconds
     } else {

@@ -86,6 +86,8 @@ impl Engine {
         // Prefill: all prompts in one forward pass.
         let prefill_start = Instant::now();
         let logits = {
+            // Stage timers (`bench --stage-times`) measure decode steps.
+            let _paused = moe_models::stage_times::pause();
             let mut batch: Vec<SequenceInput> = seqs
                 .iter_mut()
                 .map(|s| SequenceInput {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moe_core::{Error, Result, RoutingSpec};
+use moe_kernels::cpu::residual::residual_add;
 use moe_kernels::cpu::{numerics, Numerics};
 use moe_kernels::{ExpertActivation, WeightDtype};
 use moe_loader::TensorLookup;
@@ -606,7 +607,7 @@ impl DecoderModel {
                     &mut slots,
                 )
             })?;
-            x = (x + scaled(attn_out)?)?;
+            x = residual_add(&x, &scaled(attn_out)?)?;
             if self.experts.wants_prefetch() {
                 self.prefetch_next_layer(layer_idx, &x)?;
             }
@@ -622,7 +623,7 @@ impl DecoderModel {
                     ),
                 }
             })?;
-            x = (x + scaled(ffn_out)?)?;
+            x = residual_add(&x, &scaled(ffn_out)?)?;
         }
         for slot in slots.iter_mut() {
             slot.cache.advance(slot.n_rows);

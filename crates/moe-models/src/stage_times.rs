@@ -79,6 +79,28 @@ impl Drop for Timing {
     }
 }
 
+/// The timers held off from [`pause`] until a drop, then back as they were: the engine pauses
+/// them over a prefill, so the totals are those of decode steps alone.
+#[derive(Debug)]
+pub struct Paused {
+    was_enabled: bool,
+}
+
+/// Turns the timers off until the returned guard drops.
+pub fn pause() -> Paused {
+    Paused {
+        was_enabled: ENABLED.swap(false, Ordering::Relaxed),
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if self.was_enabled {
+            set_enabled(true);
+        }
+    }
+}
+
 /// Runs `f`, adding its wall-clock time to `stage` when the timers are on.
 pub(crate) fn timed<T>(stage: Stage, f: impl FnOnce() -> T) -> T {
     if !enabled() {
@@ -111,5 +133,17 @@ mod tests {
         assert!(t.lm_head >= 0.002, "{t:?}");
         drop(Timing::start());
         assert!(!enabled(), "so does a drop");
+
+        let timing = Timing::start();
+        {
+            let _paused = pause();
+            timed(Stage::Attention, || {
+                std::thread::sleep(std::time::Duration::from_millis(2))
+            });
+        }
+        assert!(enabled(), "back on after the pause");
+        assert_eq!(timing.finish().attention, 0.0, "paused: nothing is added");
+        drop(pause());
+        assert!(!enabled(), "a pause while off leaves them off");
     }
 }

@@ -20,6 +20,7 @@
 //!   as stored into tiles, `x` rounded to bf16 and pair-interleaved.
 //! * [`attention`]: causal attention of one sequence, scores kept in f32 through the masked
 //!   softmax, both products on the GEMM kernels.
+//! * [`residual`]: the residual stream's `x + sublayer(x)`, one vectorized pass.
 //! * [`moe_ffn`]: the grouped expert FFN: gate and up in one task with the activation fused,
 //!   the down projection accumulating `weight × output` straight into each token's row.
 //!
@@ -39,6 +40,7 @@ pub mod moe_ffn;
 pub mod numerics;
 pub mod pool;
 pub mod q8;
+pub mod residual;
 pub mod rope;
 pub mod shared;
 pub mod tensors;
