@@ -20,6 +20,7 @@
 //!   as stored into tiles, `x` rounded to bf16 and pair-interleaved.
 //! * [`attention`]: causal attention of one sequence, scores kept in f32 through the masked
 //!   softmax, both products on the GEMM kernels.
+//! * [`bf16_round`]: f32 results rounded to bf16 in one vectorized pass.
 //! * [`residual`]: the residual stream's `x + sublayer(x)`, one vectorized pass.
 //! * [`moe_ffn`]: the grouped expert FFN: gate and up in one task with the activation fused,
 //!   the down projection accumulating `weight × output` straight into each token's row.
@@ -29,6 +30,7 @@
 //! transformers'.
 
 pub mod attention;
+pub mod bf16_round;
 pub mod gemm;
 pub mod gemm_amx;
 pub mod gemm_avx512;

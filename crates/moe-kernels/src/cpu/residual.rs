@@ -10,12 +10,9 @@ use candle_core::{DType, Tensor};
 use half::bf16;
 use moe_core::Result;
 
+use super::bf16_round::{round_bits, ELEMENTS_PER_TASK};
 use super::pool::map_each_mut;
 use super::tensors::slice_of;
-
-/// Elements per parallel task; below two of these the add runs on the calling thread (a
-/// decode step's 16 × 2048 takes microseconds, less than a fork).
-const ELEMENTS_PER_TASK: usize = 64 * 1024;
 
 /// `x + y` for tensors of one shape and dtype. Contiguous bf16 or f32 CPU tensors take the
 /// vectorized loop of this module; anything else (another device or dtype, a strided view,
@@ -45,15 +42,15 @@ pub fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok((x + y)?)
 }
 
-/// `out = kernel(a, b)` in chunks of [`ELEMENTS_PER_TASK`] over the pool.
+/// `out = kernel(a, b)` split over the pool when it is long.
 fn add_parallel<T: Copy + Send + Sync>(
     a: &[T],
     b: &[T],
     out: &mut [T],
     kernel: fn(&[T], &[T], &mut [T]),
 ) {
-    let n = out.len();
-    if n < 2 * ELEMENTS_PER_TASK {
+    assert_eq!(a.len(), b.len());
+    if out.len() < 2 * ELEMENTS_PER_TASK {
         kernel(a, b, out);
         return;
     }
@@ -93,7 +90,7 @@ fn add_bf16_body(a: &[bf16], b: &[bf16], out: &mut [bf16]) {
     assert!(a.len() == out.len() && b.len() == out.len());
     for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
         let sum = widen(x) + widen(y);
-        *o = bf16::from_bits(round_to_bf16(sum.to_bits()));
+        *o = bf16::from_bits(round_bits(sum.to_bits()));
     }
 }
 
@@ -101,19 +98,6 @@ fn add_bf16_body(a: &[bf16], b: &[bf16], out: &mut [bf16]) {
 #[inline(always)]
 fn widen(v: bf16) -> f32 {
     f32::from_bits((v.to_bits() as u32) << 16)
-}
-
-/// f32 bits to bf16 bits, rounded to nearest, ties to even; a NaN stays a NaN (quieted), as
-/// `half::bf16::from_f32` and candle's `vcvtneps2bf16` do.
-#[inline(always)]
-fn round_to_bf16(bits: u32) -> u16 {
-    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-    let nan = ((bits >> 16) | 0x0040) as u16;
-    if bits & 0x7fff_ffff > 0x7f80_0000 {
-        nan
-    } else {
-        rounded
-    }
 }
 
 /// `out[i] = a[i] + b[i]` in f32.

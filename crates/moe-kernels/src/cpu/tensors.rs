@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use half::bf16;
 use moe_core::{Error, Result};
 
+use super::bf16_round::to_bf16_vec;
 use super::gemm::{matmul_nt_into, PreparedRows, StoreSink};
 use super::gemm_panels::{matmul_nt_panels, Bf16Panels};
 use super::moe_ffn::{grouped_expert_ffn, ExpertSlices};
@@ -54,7 +55,7 @@ pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 pub fn from_f32_vec(v: Vec<f32>, dims: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(match dtype {
         DType::BF16 => {
-            let v: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
+            let v: Vec<bf16> = to_bf16_vec(&v);
             Tensor::from_vec(v, dims, device)?
         }
         _ => Tensor::from_vec(v, dims, device)?.to_dtype(dtype)?,
