@@ -11,6 +11,9 @@
 #                  compute with int8 routed experts and dense projections
 #                  (--expert-dtype q8 --dense-dtype q8), compared with llama.cpp's Q8_0
 #   LLAMA_TYPES    GGUF types for llama.cpp (default bf16,f16,q8_0)
+#   LLAMA_BENCH_EXTRA / LLAMA_BATCHED_EXTRA
+#                  extra llama-bench / llama-batched-bench arguments (see peer_llamacpp.sh;
+#                  '--repack 0' / '--no-repack' where Q8_0 repacking crashes)
 #   TRANSFORMERS   transformers dtype (bfloat16 or float32), empty to skip (default bfloat16)
 #   THREADS        threads of every engine (default 2)
 #   REPS           repetitions (default 3)

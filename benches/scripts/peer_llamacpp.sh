@@ -12,8 +12,9 @@
 # prefill_512_tok_s, decode_tok_s, decode_agg_tok_s_{1,4,16}) and a table on stderr.
 # Environment: LLAMA_CPP_WORK (work folder, default benches/.work/llama.cpp, git-ignored),
 # THREADS (default 2), REPS (default 3), GEN (decode tokens, default 64), LLAMA_BENCH_EXTRA
-# (extra llama-bench arguments, e.g. '--repack 0'). A tool that crashes is reported on stderr
-# and its figures are left out.
+# (extra llama-bench arguments, e.g. '--repack 0'), LLAMA_BATCHED_EXTRA (extra
+# llama-batched-bench arguments, e.g. '--no-repack': its Q8_0 run crashed on a Sapphire Rapids
+# Xeon without it). A tool that crashes is reported on stderr and its figures are left out.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 work="${LLAMA_CPP_WORK:-$root/benches/.work/llama.cpp}"
@@ -90,9 +91,10 @@ run() {
       echo "llama.cpp $t: llama-bench failed (exit $?); try LLAMA_BENCH_EXTRA='--repack 0'" >&2
       lb='[]'
     }
+    # shellcheck disable=SC2086
     bb=$("$bin/llama-batched-bench" -m "$gguf" -t "$threads" -c 4096 -b 2048 -ub 512 \
-      -npp 16 -ntg 32 -npl 1,4,16 2>/dev/null) || {
-      echo "llama.cpp $t: llama-batched-bench failed (exit $?)" >&2
+      -npp 16 -ntg 32 -npl 1,4,16 ${LLAMA_BATCHED_EXTRA:-} 2>/dev/null) || {
+      echo "llama.cpp $t: llama-batched-bench failed (exit $?); try LLAMA_BATCHED_EXTRA='--no-repack'" >&2
       bb=''
     }
     python3 - "$t" "$threads" "$lb" "$bb" <<'PY'
