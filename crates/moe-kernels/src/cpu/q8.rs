@@ -65,7 +65,17 @@ unsafe fn quantize_row_avx2<W: WeightElem>(row: &[W], q: &mut [i8]) -> f32 {
 /// `s = max|w| / 127` (1 for an all-zero row) and `q = round(w / s)`, clamped to ±127.
 #[inline(always)]
 fn quantize_row_body<W: WeightElem>(row: &[W], q: &mut [i8]) -> f32 {
-    let max = row.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+    // max |w| as the largest bit pattern of |w|: for non-NaN floats the integer order is the
+    // float order, and an integer maximum vectorizes. A NaN (bits above infinity's) takes
+    // the float fold, which skips NaNs.
+    let max_bits = row
+        .iter()
+        .fold(0u32, |m, v| m.max(v.to_f32().abs().to_bits()));
+    let max = if max_bits > f32::INFINITY.to_bits() {
+        row.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()))
+    } else {
+        f32::from_bits(max_bits)
+    };
     let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
     for (o, v) in q.iter_mut().zip(row) {
         *o = (v.to_f32() / scale).round().clamp(-127.0, 127.0) as i8;
@@ -105,7 +115,15 @@ mod tests {
         w.push(127.0);
         w.extend((0..255).map(|i| ((i * 37 % 251) as f32 - 125.0) * 1e-3));
         w.extend([0.0; 255]);
+        // A NaN is skipped by the maximum (the scale is 2 / 127) and quantizes to 0.
+        w.extend((0..255).map(|i| match i {
+            0 => f32::NAN,
+            1 => -2.0,
+            _ => 1.0,
+        }));
         let q = Q8Matrix::quantize(&w, 255);
+        assert_eq!(q.scales[3], 2.0 / 127.0);
+        assert_eq!(&q.values[3 * 255..3 * 255 + 3], &[0, -127, 64]);
         for (r, row) in w.chunks_exact(255).enumerate() {
             let mut want = vec![0i8; 255];
             let scale = quantize_row_body(row, &mut want);
