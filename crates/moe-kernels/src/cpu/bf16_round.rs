@@ -82,6 +82,7 @@ fn round_slice_body(src: &[f32], dst: &mut [bf16]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::lcg_bits;
     use super::*;
 
     /// Bit-equal with `half` on every class of f32 (NaN payloads aside), across the split.
@@ -89,12 +90,7 @@ mod tests {
     fn rounding_matches_half() {
         let mut s = 7u64;
         let mut v: Vec<f32> = (0..2 * ELEMENTS_PER_TASK + 3)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                f32::from_bits((s >> 32) as u32)
-            })
+            .map(|_| f32::from_bits((lcg_bits(&mut s) >> 32) as u32))
             .collect();
         // Ties both ways, the largest finite values, infinities, signed zeros.
         v.extend([

@@ -110,19 +110,15 @@ pub fn add_f32(a: &[f32], b: &[f32], out: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::lcg_bits;
     use super::*;
     use candle_core::Device;
 
     fn bf16_values(n: usize, seed: u64) -> Vec<bf16> {
         let mut s = seed;
+        // Any bit pattern: normals, subnormals, infinities and NaNs all occur.
         (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                // Any bit pattern: normals, subnormals, infinities and NaNs all occur.
-                bf16::from_bits((s >> 48) as u16)
-            })
+            .map(|_| bf16::from_bits((lcg_bits(&mut s) >> 48) as u16))
             .collect()
     }
 

@@ -1,11 +1,16 @@
 //! Helpers the CPU kernels' unit tests share.
 
-/// The next value of a 64-bit LCG, mapped to `[-0.5, 0.5)`.
-pub fn lcg(seed: &mut u64) -> f32 {
+/// The next state of a 64-bit LCG (its high bits are the random ones).
+pub fn lcg_bits(seed: &mut u64) -> u64 {
     *seed = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
-    ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    *seed
+}
+
+/// The next value of a 64-bit LCG, mapped to `[-0.5, 0.5)`.
+pub fn lcg(seed: &mut u64) -> f32 {
+    ((lcg_bits(seed) >> 40) as f32 / (1u64 << 24) as f32) - 0.5
 }
 
 /// Asserts that two `m × n` products over `k`, computed for columns `1..n` only, agree within
