@@ -9,10 +9,11 @@
 //!   two integer ops and two FMAs per row of `x` (bf16 weights on CPUs with AVX512-BF16 take
 //!   [`super::gemm_bf16dot`]'s one-instruction step instead, through the same [`tiles`] loop);
 //! - the weight rows of a tile are read one after the other, each front to back, so the
-//!   weights are one sequential stream, asked for [`PREFETCH_AHEAD_BYTES`] ahead (the
-//!   hardware prefetcher restarts late on each of a step's many small matrices); the few rows
-//!   of `x` (L1-resident) are reread for every weight row. Reading the tile's rows side by side, one
-//!   cache line of each per step with the next tile prefetched by hand, reached about half
+//!   weights are one sequential stream, asked for ahead of the loads ([`PREFETCH_AHEAD_BYTES`],
+//!   twice that in the widening tile): the hardware prefetcher restarts late on each of a
+//!   decode step's many small matrices; the few rows of `x` (L1-resident) are reread for
+//!   every weight row. Reading the tile's rows side by side, one cache line of each per step
+//!   with the next tile prefetched by hand, reached about half
 //!   the bandwidth of a plain read on the 2-core AMD EPYC (Zen 4) of this project's machines;
 //!   the sequential order reaches 0.9–1.15 of it there (bf16, k = 1024, the bench model's
 //!   151,936-row lm_head, `examples/gemv_speed.rs`), and was level with the side-by-side order
@@ -35,7 +36,8 @@ pub const STEP: usize = 32;
 /// every new stream. On the bench model (a 2-core Sapphire Rapids Xeon, alternated runs)
 /// asking 16 cache lines ahead measured +13 % batch-1 and +15 % 16-sequence int8 decode over
 /// none, 32 lines another +3 %, 64 lines no more. In the widening tile (bf16 there) 32 lines
-/// measured +2–12 % batch-1 and +9–11 % 16-sequence decode over none.
+/// measured +2–12 % batch-1 and +9–11 % 16-sequence decode over none, and 64 lines a little
+/// more ([`WIDEN_PREFETCH_AHEAD_BYTES`]).
 pub(crate) const PREFETCH_AHEAD_BYTES: usize = 2048;
 
 /// Hints the cache line [`PREFETCH_AHEAD_BYTES`] past `p` into L1. A hint never faults, so it
@@ -43,10 +45,23 @@ pub(crate) const PREFETCH_AHEAD_BYTES: usize = 2048;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_ahead(p: *const u8) {
+    prefetch_line(p.wrapping_add(PREFETCH_AHEAD_BYTES));
+}
+
+/// How far ahead the widening tile ([`WidenFma`]) asks for its weights: twice
+/// [`PREFETCH_AHEAD_BYTES`]. With bf16 weights (64 bytes a step) on the bench model, 2-core
+/// Sapphire Rapids, four runs each: 4 KiB 40.8–43.7 tok/s batch-1 and 140.8–144.0 at 16
+/// sequences, 2 KiB 39.5–40.8 and 137.1–141.6; 8 KiB no better than 4.
+const WIDEN_PREFETCH_AHEAD_BYTES: usize = 2 * PREFETCH_AHEAD_BYTES;
+
+/// Hints the cache line at `p` into L1. A hint never faults, so `p` may be any address.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     // SAFETY: prefetch is a hint: it reads nothing architecturally and cannot fault, whatever
     // the address (`wrapping_add` keeps the pointer arithmetic itself defined).
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD_BYTES) as *const i8) };
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
 }
 
 /// Whether the AVX-512 tiles run here: the CPU has AVX-512 F and BW and the user did not set
@@ -220,7 +235,8 @@ impl<W: WeightElem> RowTile for WidenFma<W> {
         // in the vector loop, `q < k` in the tail).
         unsafe {
             // One weight row after the other, each read front to back: a single sequential
-            // stream, asked for ahead of the loads ([`prefetch_ahead`]), a line at a time.
+            // stream, asked for ahead of the loads ([`WIDEN_PREFETCH_AHEAD_BYTES`]), a line
+            // at a time.
             let step_bytes = STEP * std::mem::size_of::<W>();
             for j in 0..C {
                 let wr = w.add(j * k);
@@ -229,7 +245,7 @@ impl<W: WeightElem> RowTile for WidenFma<W> {
                 while p + STEP <= k {
                     let step_start = wr.add(p) as *const u8;
                     for line in (0..step_bytes).step_by(64) {
-                        prefetch_ahead(step_start.wrapping_add(line));
+                        prefetch_line(step_start.wrapping_add(line + WIDEN_PREFETCH_AHEAD_BYTES));
                     }
                     let (w0, w1) = W::load32_split(wr.add(p));
                     for (i, a) in acc.iter_mut().enumerate() {
