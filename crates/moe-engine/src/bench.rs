@@ -445,7 +445,6 @@ pub fn run_bench(
     })
 }
 
-/// Aggregate (all sequences) and median per-sequence decode tokens per second of one batch.
 /// Wall-clock seconds of a batch's decode steps: its longest sequence's (they start together).
 fn decode_wall_seconds(responses: &[GenerateResponse]) -> f64 {
     responses
@@ -454,6 +453,7 @@ fn decode_wall_seconds(responses: &[GenerateResponse]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Aggregate (all sequences) and median per-sequence decode tokens per second of one batch.
 fn decode_rates(responses: &[GenerateResponse]) -> (f64, f64) {
     let steps: usize = responses
         .iter()
