@@ -22,7 +22,7 @@ pub enum Stage {
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static NANOS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
-/// Seconds spent in each stage since the last [`take`].
+/// Seconds spent in each stage from [`Timing::start`] to [`Timing::finish`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StageSeconds {
     /// [`Stage::Attention`].
@@ -34,17 +34,17 @@ pub struct StageSeconds {
 }
 
 /// Turns the timers on or off.
-pub fn set_enabled(on: bool) {
+fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
 /// Whether the timers are on.
-pub fn enabled() -> bool {
+fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
 /// Returns the totals and sets them back to zero.
-pub fn take() -> StageSeconds {
+fn take() -> StageSeconds {
     let secs = |s: Stage| NANOS[s as usize].swap(0, Ordering::Relaxed) as f64 * 1e-9;
     StageSeconds {
         attention: secs(Stage::Attention),

@@ -6,10 +6,7 @@
 
 use half::bf16;
 
-use super::pool::map_each_mut;
-
-/// Elements per parallel task; below two of these a conversion runs on the calling thread.
-pub(crate) const ELEMENTS_PER_TASK: usize = 64 * 1024;
+use super::pool::{for_each_chunk_mut, ELEMENTWISE_CHUNK};
 
 /// f32 bits to bf16 bits, rounded to nearest, ties to even; a NaN stays a NaN (quieted), as
 /// `half::bf16::from_f32` does.
@@ -27,27 +24,10 @@ pub(crate) fn round_bits(bits: u32) -> u16 {
 /// `v` rounded to bf16, split over the pool when it is long.
 pub fn to_bf16_vec(v: &[f32]) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; v.len()];
-    in_parallel_chunks(&mut out, v, round_slice);
+    for_each_chunk_mut(&mut out, ELEMENTWISE_CHUNK, |start, o| {
+        round_slice(&v[start..start + o.len()], o)
+    });
     out
-}
-
-/// `kernel(chunk of src, chunk of out)` over chunks of [`ELEMENTS_PER_TASK`] on the pool (on
-/// the calling thread when there are fewer than two).
-pub(crate) fn in_parallel_chunks<S: Sync, D: Send>(
-    out: &mut [D],
-    src: &[S],
-    kernel: fn(&[S], &mut [D]),
-) {
-    assert_eq!(out.len(), src.len());
-    if out.len() < 2 * ELEMENTS_PER_TASK {
-        kernel(src, out);
-        return;
-    }
-    let mut tasks: Vec<(&mut [D], &[S])> = out
-        .chunks_mut(ELEMENTS_PER_TASK)
-        .zip(src.chunks(ELEMENTS_PER_TASK))
-        .collect();
-    map_each_mut(&mut tasks, |(o, s)| kernel(s, o));
 }
 
 /// `dst[i] = src[i]` rounded to bf16.
@@ -89,7 +69,7 @@ mod tests {
     #[test]
     fn rounding_matches_half() {
         let mut s = 7u64;
-        let mut v: Vec<f32> = (0..2 * ELEMENTS_PER_TASK + 3)
+        let mut v: Vec<f32> = (0..2 * ELEMENTWISE_CHUNK + 3)
             .map(|_| f32::from_bits((lcg_bits(&mut s) >> 32) as u32))
             .collect();
         // Ties both ways, the largest finite values, infinities, signed zeros.

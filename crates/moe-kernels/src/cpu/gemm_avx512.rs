@@ -60,7 +60,7 @@ const WIDEN_PREFETCH_AHEAD_BYTES: usize = 2 * PREFETCH_AHEAD_BYTES;
 fn prefetch_line(p: *const u8) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     // SAFETY: prefetch is a hint: it reads nothing architecturally and cannot fault, whatever
-    // the address (`wrapping_add` keeps the pointer arithmetic itself defined).
+    // the address (callers form it with `wrapping_add`, which keeps that arithmetic defined).
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
 }
 

@@ -10,8 +10,8 @@ use candle_core::{DType, Tensor};
 use half::bf16;
 use moe_core::Result;
 
-use super::bf16_round::{round_bits, ELEMENTS_PER_TASK};
-use super::pool::map_each_mut;
+use super::bf16_round::round_bits;
+use super::pool::{for_each_chunk_mut, ELEMENTWISE_CHUNK};
 use super::tensors::slice_of;
 
 /// `x + y` for tensors of one shape and dtype. Contiguous bf16 or f32 CPU tensors take the
@@ -43,24 +43,12 @@ pub fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 /// `out = kernel(a, b)` split over the pool when it is long.
-fn add_parallel<T: Copy + Send + Sync>(
-    a: &[T],
-    b: &[T],
-    out: &mut [T],
-    kernel: fn(&[T], &[T], &mut [T]),
-) {
-    assert_eq!(a.len(), b.len());
-    if out.len() < 2 * ELEMENTS_PER_TASK {
-        kernel(a, b, out);
-        return;
-    }
-    let mut tasks: Vec<(&mut [T], &[T], &[T])> = out
-        .chunks_mut(ELEMENTS_PER_TASK)
-        .zip(a.chunks(ELEMENTS_PER_TASK))
-        .zip(b.chunks(ELEMENTS_PER_TASK))
-        .map(|((o, a), b)| (o, a, b))
-        .collect();
-    map_each_mut(&mut tasks, |(o, a, b)| kernel(a, b, o));
+fn add_parallel<T: Send + Sync>(a: &[T], b: &[T], out: &mut [T], kernel: fn(&[T], &[T], &mut [T])) {
+    assert!(a.len() == out.len() && b.len() == out.len());
+    for_each_chunk_mut(out, ELEMENTWISE_CHUNK, |start, o| {
+        let span = start..start + o.len();
+        kernel(&a[span.clone()], &b[span], o)
+    });
 }
 
 /// `out[i] = a[i] + b[i]` in bf16 (f32 sum, rounded to nearest-even).
@@ -128,7 +116,7 @@ mod tests {
     fn bf16_add_matches_candle_bit_for_bit() {
         let dev = Device::Cpu;
         // Below and above the parallel split.
-        for n in [1, 7, 33, 16 * 2048, 2 * ELEMENTS_PER_TASK + 5] {
+        for n in [1, 7, 33, 16 * 2048, 2 * ELEMENTWISE_CHUNK + 5] {
             let (a, b) = (bf16_values(n, 1 + n as u64), bf16_values(n, 99 + n as u64));
             let x = Tensor::from_vec(a.clone(), n, &dev).unwrap();
             let y = Tensor::from_vec(b.clone(), n, &dev).unwrap();
